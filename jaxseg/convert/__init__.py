@@ -1,0 +1,5 @@
+"""Weight converters: PyTorch checkpoints (timm / DeiT / DINOv2) -> jaxseg Flax params."""
+from jaxseg.convert.state_dict import WeightConversionError, load_state_dict
+from jaxseg.convert.timm import from_timm, infer_config, to_timm
+
+__all__ = ["WeightConversionError", "load_state_dict", "from_timm", "infer_config", "to_timm"]

@@ -1,0 +1,52 @@
+"""Resampling of position embeddings and patch-embedding kernels, numerically as timm does it."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseg.ops.resize import interpolation_matrix, resize
+
+
+def resample_posemb(posemb: jax.Array, old_grid: Sequence[int], new_grid: Sequence[int],
+                    num_prefix_tokens: int = 0) -> jax.Array:
+    """Resamples a (1, prefix + rows*cols, D) position embedding to another patch grid.
+
+    timm's `resample_abs_pos_embed`: the prefix (class/register) entries are kept, the patch grid is
+    resized with bicubic interpolation and antialiasing, in float32.
+    """
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    expected = num_prefix_tokens + old_grid[0] * old_grid[1]
+    if posemb.ndim != 3 or posemb.shape[:2] != (1, expected):
+        raise ValueError(f"position embedding of shape {posemb.shape} does not hold {num_prefix_tokens} "
+                         f"prefix entries + a {old_grid[0]}x{old_grid[1]} grid")
+    if old_grid == new_grid:
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    width = posemb.shape[-1]
+    grid = grid.reshape(1, *old_grid, width).astype(jnp.float32)
+    grid = resize(grid, new_grid, method="bicubic", antialias=True)
+    grid = grid.reshape(1, new_grid[0] * new_grid[1], width).astype(posemb.dtype)
+    return jnp.concatenate([prefix, grid], axis=1)
+
+
+def resample_patch_kernel(kernel: np.ndarray, new_size: Sequence[int]) -> np.ndarray:
+    """FlexiViT resize of a (ph, pw, in, out) patch-embedding kernel to `new_size` = (ph', pw').
+
+    The kernel is mapped through the pseudo-inverse of the bicubic + antialias upsampling of a patch,
+    so that <resize(patch), new_kernel> = <patch, kernel> holds as well as possible (exactly when
+    upsampling). Equals timm's `resample_patch_embed`.
+    """
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(f"patch kernel must be (height, width, in, out), got shape {kernel.shape}")
+    old_size, new_size = kernel.shape[:2], tuple(int(s) for s in new_size)
+    if old_size == new_size:
+        return kernel
+    resize_matrix = np.kron(interpolation_matrix(old_size[0], new_size[0], "bicubic", True),
+                            interpolation_matrix(old_size[1], new_size[1], "bicubic", True))
+    flat = kernel.reshape(old_size[0] * old_size[1], -1).astype(np.float64)
+    resampled = np.linalg.pinv(resize_matrix).T @ flat
+    return resampled.reshape(*new_size, *kernel.shape[2:]).astype(kernel.dtype)

@@ -1,0 +1,18 @@
+"""Test-session set-up: persistent compilation cache, and importable PyTorch references."""
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Compiled XLA programs are cached inside the workspace so that reruns (and the subprocess tests, which
+# inherit the environment) skip most compilation. Must be set before JAX is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import torch_guard  # noqa: E402
+
+torch_guard.install()
