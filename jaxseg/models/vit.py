@@ -137,11 +137,14 @@ class Attention(nn.Module):
             raise ValueError(f"attention mask must have shape (batch, tokens, tokens) = "
                              f"{(x.shape[0], x.shape[1], x.shape[1])}, got {mask.shape}")
 
+        # nn.Einsum creates kernels in their final shape, which the logical boxes need (DenseGeneral
+        # initialises a flattened kernel and fails to constrain it under a mesh).
         def projection(name):
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-                param_dtype=self.param_dtype, kernel_init=_dense_init(("embed", "heads", "kv")),
-                bias_init=_zeros(("heads", "kv")), name=name)
+            return nn.Einsum(
+                (width, self.num_heads, head_dim), "bnd,dhk->bnhk", use_bias=self.qkv_bias,
+                dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=_dense_init(("embed", "heads", "kv")), bias_init=_zeros(("heads", "kv")),
+                name=name)
 
         head_axes = ("act_batch", "act_len", "act_heads", "act_kv")
         q, k, v = (nn.with_logical_constraint(projection(n)(x), head_axes)
@@ -162,10 +165,10 @@ class Attention(nn.Module):
             y = jax.nn.dot_product_attention(
                 q, k, v, mask=None if mask is None else mask[:, None], scale=scale)
         y = nn.with_logical_constraint(y, head_axes)
-        y = nn.DenseGeneral(
-            width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_dense_init(("heads", "kv", "embed")), bias_init=_zeros(("embed",)),
-            name="out")(y)
+        y = nn.Einsum(
+            (self.num_heads, head_dim, width), "bnhk,hkd->bnd", dtype=self.dtype,
+            param_dtype=self.param_dtype, kernel_init=_dense_init(("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)), name="out")(y)
         return y, probs
 
 
