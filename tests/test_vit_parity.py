@@ -43,7 +43,7 @@ def _convert(torch_model):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_timm(case, record_property):
     name, kwargs, size = CASES[case]
-    torch_model = random_timm_vit(name, **kwargs)
+    torch_model = random_timm_vit(name, kwargs)
     model, variables = _convert(torch_model)
     images = _images(size)
     ref_out, ref_blocks, ref_probs = run_timm(torch_model, images)
@@ -65,7 +65,7 @@ def test_matches_timm(case, record_property):
 
 
 def test_attention_mask_matches_timm():
-    torch_model = random_timm_vit("vit_small_patch14_reg4_dinov2", **CASES["dinov2_reg"][1])
+    torch_model = random_timm_vit("vit_small_patch14_reg4_dinov2", CASES["dinov2_reg"][1])
     model, variables = _convert(torch_model)
     images = _images((56, 56))
     num_tokens = 5 + 16
@@ -87,7 +87,7 @@ def test_extra_tokens_match_manual_timm_injection():
     """Tokens prepended before block k (EoMT's queries) equal running timm's blocks by hand."""
     import torch
 
-    torch_model = random_timm_vit("vit_small_patch14_reg4_dinov2", **dict(CASES["dinov2_reg"][1], depth=3))
+    torch_model = random_timm_vit("vit_small_patch14_reg4_dinov2", dict(CASES["dinov2_reg"][1], depth=3))
     model, variables = _convert(torch_model)
     images = _images((56, 56))
     queries = np.random.default_rng(3).standard_normal((1, 3, 64)).astype(np.float32)
@@ -106,7 +106,7 @@ def test_extra_tokens_match_manual_timm_injection():
 
 
 def test_bfloat16_compute_close_to_float32():
-    torch_model = random_timm_vit("vit_small_patch16_224", **CASES["deit"][1])
+    torch_model = random_timm_vit("vit_small_patch16_224", CASES["deit"][1])
     config, params = from_timm(torch_model.state_dict(), num_heads=4)
     images = _images((32, 32))
     ref, _ = ViT(**config).apply({"params": params}, images)
@@ -118,7 +118,7 @@ def test_bfloat16_compute_close_to_float32():
 
 
 def test_remat_and_dropout_paths_run_and_match_in_eval():
-    torch_model = random_timm_vit("vit_small_patch16_224", **CASES["deit"][1])
+    torch_model = random_timm_vit("vit_small_patch16_224", CASES["deit"][1])
     config, params = from_timm(torch_model.state_dict(), num_heads=4)
     images = _images((32, 32))
     ref, _ = ViT(**config).apply({"params": params}, images)

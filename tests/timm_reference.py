@@ -6,7 +6,7 @@ import timm
 import torch
 
 
-def random_timm_vit(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+def random_timm_vit(name: str, kwargs: dict, seed: int = 0) -> torch.nn.Module:
     """A tiny timm ViT in eval mode whose parameters (LayerScale and norms included) are all random, so
     that no parameter sits at an init value that would hide a mix-up."""
     torch.manual_seed(seed)

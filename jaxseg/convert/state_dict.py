@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 # Wrappers that training scripts put around a state dict.
@@ -21,7 +22,8 @@ def _to_numpy(value) -> np.ndarray:
             value = value.float()  # numpy has no bfloat16; params are float32 in jaxseg anyway
         return value.numpy()
     array = np.asarray(value)
-    return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+    # jnp's dtype lattice knows bfloat16 (numpy's does not).
+    return array.astype(np.float32) if jnp.issubdtype(array.dtype, jnp.floating) else array
 
 
 def unwrap(state_dict: Mapping) -> dict[str, np.ndarray]:

@@ -42,8 +42,9 @@ SIZES = {
 FAMILIES = {
     # DeiT / classic timm: posemb covers the class token, 224 px pretraining, no LayerScale.
     "deit": dict(num_registers=0, posemb_covers_prefix=True, layerscale_init=None, pretrain_size=224),
-    # DINOv2: posemb covers patches only, LayerScale, 518 px pretraining (37x37 grid at patch 14).
-    "dinov2": dict(num_registers=0, posemb_covers_prefix=False, layerscale_init=1e-5, pretrain_size=518),
+    # DINOv2: LayerScale, 518 px pretraining (37x37 grid at patch 14). Without registers timm keeps
+    # the release layout (a class entry in the posemb); with registers the posemb covers patches only.
+    "dinov2": dict(num_registers=0, posemb_covers_prefix=True, layerscale_init=1e-5, pretrain_size=518),
     "dinov2_reg": dict(num_registers=4, posemb_covers_prefix=False, layerscale_init=1e-5,
                        pretrain_size=518),
 }

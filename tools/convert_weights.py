@@ -1,0 +1,73 @@
+"""Converts a local timm / DeiT / DINOv2 ViT checkpoint to jaxseg params.
+
+    python tools/convert_weights.py --input vit_small_patch14_reg4_dinov2.safetensors \
+        --output dinov2_s.msgpack --patch-size 16 --image-size 640
+
+Input: .safetensors, or .pth/.pt/.bin (read with torch.load(weights_only=True); needs torch).
+Output: a .msgpack file, or any other name for an orbax directory; see jaxseg.convert.params_io.
+"""
+import argparse
+import logging
+import sys
+
+import jax
+import numpy as np
+
+from jaxseg.convert import WeightConversionError, from_timm, load_state_dict
+from jaxseg.convert.params_io import FORMATS, save_params
+from jaxseg.convert.timm import DEFAULT_IGNORE
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(values) == 1:
+        return values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    return values
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--input", required=True, help="state dict file")
+    parser.add_argument("--output", required=True, help="output .msgpack file or orbax directory")
+    parser.add_argument("--format", choices=FORMATS, help="default: from the output name")
+    parser.add_argument("--patch-size", type=int, help="resample the patch kernel to this size")
+    parser.add_argument("--image-size", type=_size, help="resample the position embedding for N or HxW")
+    parser.add_argument("--posemb-grid", type=_size, help="resample the position embedding to a grid")
+    prefix = parser.add_mutually_exclusive_group()
+    prefix.add_argument("--no-posemb-prefix", dest="posemb_covers_prefix", action="store_false",
+                        default=None, help="fold class/register position entries into the tokens")
+    prefix.add_argument("--posemb-prefix", dest="posemb_covers_prefix", action="store_true",
+                        help="give the position embedding (zero) entries for class/register tokens")
+    parser.add_argument("--num-heads", type=int, help="needed for non-standard widths")
+    parser.add_argument("--source-grid", type=_size, help="grid of a non-square source posemb")
+    parser.add_argument("--ignore", action="append", default=list(DEFAULT_IGNORE),
+                        help="regex of state-dict names to drop (repeatable); default: heads")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    overrides = {k: v for k, v in dict(
+        patch_size=args.patch_size, image_size=args.image_size, posemb_grid=args.posemb_grid,
+        posemb_covers_prefix=args.posemb_covers_prefix, num_heads=args.num_heads).items() if v is not None}
+    try:
+        state_dict = load_state_dict(args.input)
+        config, params = from_timm(state_dict, ignore=args.ignore, source_grid=args.source_grid,
+                                   **overrides)
+        path = save_params(args.output, config, params, args.format, overwrite=args.overwrite)
+    except (WeightConversionError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    print(f"wrote {path} ({count / 1e6:.2f}M parameters)")
+    print("model config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
