@@ -125,3 +125,26 @@ def test_train_tool_exists_and_says_it_is_not_available_yet(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "not yet available" in proc.stdout
     assert not workdir.exists()
+
+
+def test_a_parent_module_can_drive_embed_blocks_and_norm(tiny):
+    """EoMT and WeakTr run the ViT piece by piece from their own modules (masks built between blocks);
+    the pieces compose to exactly the ViT's own forward pass, with the ViT's parameter names."""
+    import flax.linen as nn
+
+    class Wrapper(nn.Module):
+        @nn.compact
+        def __call__(self, images):
+            vit = ViT(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, posemb_grid=(2, 2),
+                      name="encoder")
+            x = vit.embed(images)
+            for block in vit.blocks:
+                x, _ = block(x)
+            return vit.norm(x)
+
+    model, variables = tiny
+    images = jax.random.normal(jax.random.key(1), (2, 24, 16, 3))
+    wrapped = {"params": {"encoder": variables["params"]}}
+    assert jax.tree_util.tree_structure(Wrapper().init(jax.random.key(0), images)) == \
+        jax.tree_util.tree_structure(wrapped)
+    np.testing.assert_array_equal(Wrapper().apply(wrapped, images), model.apply(variables, images)[0])

@@ -19,6 +19,8 @@ TINY = dict(depth=2, embed_dim=64, num_heads=4)
 CASES = {
     # DeiT / classic timm: class token with a position entry, no LayerScale.
     "deit": ("vit_small_patch16_224", dict(TINY, img_size=32, patch_size=8), (32, 32)),
+    # DINOv2 without registers: the class entry stays in the posemb, LayerScale, patch 14.
+    "dinov2": ("vit_small_patch14_dinov2", dict(TINY, img_size=56), (56, 56)),
     # DINOv2 with registers: no_embed_class, 4 registers, LayerScale, patch 14.
     "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(TINY, img_size=56), (56, 56)),
     # Input grid different from the position embedding's: resampled at call time (timm dynamic size).
