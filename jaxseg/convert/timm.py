@@ -131,7 +131,8 @@ def infer_config(state_dict: Mapping[str, np.ndarray], num_heads: int | None = N
         posemb_covers_prefix=bool(posemb_covers_prefix),
         layerscale_init=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
-        final_norm="norm.weight" in state_dict)
+        final_norm="norm.weight" in state_dict,
+        layernorm_eps=1e-6)  # not stored in the weights; timm's ViTs use 1e-6
 
 
 def abstract_params(config: Mapping[str, Any]) -> dict:

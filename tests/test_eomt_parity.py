@@ -1,0 +1,150 @@
+"""EoMT against Hugging Face's `EomtForUniversalSegmentation` (tiny random config, CPU, float32).
+
+HF runs masked attention in eval mode wherever its `attn_mask_probs` buffer is > 0 and returns only the
+final prediction; the intermediate ones (one per query block, from that block's input) are recomputed
+here as `model.predict(model.layernorm(h))` from the hidden states captured entering each query block.
+With all probabilities 0 or 1 no random numbers decide anything, so both sides are deterministic.
+Tolerance: 1e-5 relative to the largest reference magnitude.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import EomtConfig, EomtForUniversalSegmentation
+
+from jaxseg.convert import WeightConversionError, from_hf_eomt, from_official_eomt, to_timm
+from jaxseg.models.eomt import EoMT
+from timm_reference import rel_err
+
+TOL = 1e-5
+HF_CONFIG = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=4, image_size=64,
+                 patch_size=16, num_register_tokens=4, num_blocks=2, num_queries=6, num_labels=5,
+                 num_upscale_blocks=2, layerscale_value=0.5)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    config = EomtConfig(**HF_CONFIG)
+    config._attn_implementation = "eager"
+    model = EomtForUniversalSegmentation(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * (0.3 if param.ndim > 1 else 0.2))
+    return model
+
+
+def _images(seed=1):
+    return np.random.default_rng(seed).standard_normal((2, 64, 64, 3)).astype(np.float32)
+
+
+def _hf_predictions(model, images, prob):
+    """[(class logits, mask logits)] for every query block's input, then the final output."""
+    first = model.config.num_hidden_layers - model.config.num_blocks
+    captured = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+             for layer in model.layers[first:]]
+    model.attn_mask_probs.fill_(prob)
+    try:
+        with torch.no_grad():
+            out = model(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2))
+            predictions = [model.predict(model.layernorm(h)) for h in captured]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    predictions = [(c.numpy(), m.numpy()) for m, c in predictions]
+    predictions.append((out.class_queries_logits.numpy(), out.masks_queries_logits.numpy()))
+    return predictions
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_predictions_match_hf(hf_model, prob, record_property):
+    config, params = from_hf_eomt(hf_model.state_dict(), hf_model.config)
+    model = EoMT(**config)
+    images = _images()
+    expected = _hf_predictions(hf_model, images, prob)
+    apply = jax.jit(lambda p, x, probs: model.apply({"params": p}, x, probs,
+                                                    rngs={"masking": jax.random.key(0)}))
+    out = apply(params, images, jnp.full((2,), prob))
+    assert out["class_logits"].shape[0] == len(expected) == 3
+    errors = {}
+    for i, (class_logits, mask_logits) in enumerate(expected):
+        errors[f"class{i}"] = rel_err(out["class_logits"][i], class_logits)
+        errors[f"mask{i}"] = rel_err(out["mask_logits"][i], mask_logits)
+    record_property("max_rel_err", max(errors.values()))
+    print(f"p={prob}: max relative error {max(errors.values()):.2e} {errors}")
+    assert max(errors.values()) <= TOL, errors
+    if prob == 0.0:
+        # Inference (no probabilities): only the final prediction, equal to the fully annealed one.
+        final = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+        assert final["class_logits"].shape[0] == 1
+        assert rel_err(final["mask_logits"][0], expected[-1][1]) <= TOL
+
+
+def test_masks_change_the_prediction(hf_model):
+    """p = 1 and p = 0 must differ, or the parity above would not test the masking at all."""
+    config, params = from_hf_eomt(hf_model.state_dict(), hf_model.config)
+    model = EoMT(**config)
+    outs = [model.apply({"params": params}, _images(), jnp.full((2,), p), rngs={"masking": jax.random.key(0)})
+            for p in (0.0, 1.0)]
+    assert rel_err(outs[0]["mask_logits"][-1], outs[1]["mask_logits"][-1]) > 1e-2
+
+
+def test_annealing_values_do_not_recompile(hf_model):
+    config, params = from_hf_eomt(hf_model.state_dict(), hf_model.config)
+    model = EoMT(**config)
+    traces = []
+
+    @jax.jit
+    def step(p, x, probs, key):
+        traces.append(1)
+        out = model.apply({"params": p}, x, probs, rngs={"masking": key})
+        return jnp.mean(out["mask_logits"] ** 2)
+
+    # Switching each block's masking on and off changes the output: the values are live, not baked in.
+    values = [step(params, _images(), jnp.asarray(probs, jnp.float32), jax.random.key(i))
+              for i, probs in enumerate([(1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0), (0.3, 0.6)])]
+    assert len(traces) == 1
+    assert len({float(v) for v in values[:4]}) == 4
+
+
+def _official_state_dict(config, params):
+    """The tue-mps/eomt layout (under Lightning's `network.` prefix) of the same weights."""
+    sd = {f"network.encoder.backbone.{k}": np.asarray(v)
+          for k, v in to_timm(params["encoder"], config["encoder"]).items()}
+    sd["network.q.weight"] = params["queries"]
+    sd["network.class_head.weight"] = params["class_head"]["kernel"].T
+    sd["network.class_head.bias"] = params["class_head"]["bias"]
+    for i in range(3):
+        sd[f"network.mask_head.{2 * i}.weight"] = params[f"mask_head_{i}"]["kernel"].T
+        sd[f"network.mask_head.{2 * i}.bias"] = params[f"mask_head_{i}"]["bias"]
+    for i in range(2):
+        block = params[f"upscale_{i}"]
+        sd[f"network.upscale.{i}.conv1.weight"] = block["conv1"]["kernel"].transpose(2, 3, 0, 1)
+        sd[f"network.upscale.{i}.conv1.bias"] = block["conv1"]["bias"]
+        sd[f"network.upscale.{i}.conv2.weight"] = block["conv2"]["kernel"].transpose(3, 2, 0, 1)
+        sd[f"network.upscale.{i}.norm.weight"] = block["norm"]["scale"]
+        sd[f"network.upscale.{i}.norm.bias"] = block["norm"]["bias"]
+    sd["network.attn_mask_probs"] = np.zeros(2, np.float32)
+    return sd
+
+
+def test_official_layout_converts_to_the_same_model(hf_model):
+    config, params = from_hf_eomt(hf_model.state_dict(), hf_model.config)
+    official = _official_state_dict(config, params)
+    official_config, official_params = from_official_eomt(official, num_query_blocks=2, num_heads=4)
+    assert official_config["normalize_input"] is True  # the official network normalises inside
+    assert dict(official_config, normalize_input=False) == config
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    other = dict(jax.tree_util.tree_leaves_with_path(official_params))
+    for path, value in flat:
+        np.testing.assert_array_equal(other[path], value, err_msg=jax.tree_util.keystr(path))
+
+    broken = dict(official)
+    del broken["network.mask_head.2.bias"]
+    broken["network.extra.weight"] = np.zeros(3)
+    with pytest.raises(WeightConversionError) as info:
+        from_official_eomt(broken, num_query_blocks=2, num_heads=4)
+    assert "- missing     mask_head.2.bias" in str(info.value)
+    assert "+ unexpected  extra.weight" in str(info.value)
