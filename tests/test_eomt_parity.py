@@ -148,3 +148,44 @@ def test_official_layout_converts_to_the_same_model(hf_model):
         from_official_eomt(broken, num_query_blocks=2, num_heads=4)
     assert "- missing     mask_head.2.bias" in str(info.value)
     assert "+ unexpected  extra.weight" in str(info.value)
+
+
+def test_masked_train_step_compiles_once_across_annealing(hf_model):
+    """Model + set loss + optimizer step under one jit: the annealing probabilities are data."""
+    import optax
+
+    from jaxseg.losses.mask_classification import SetLossConfig, Targets, set_loss
+    from jaxseg.train.schedules import mask_annealing_probs, mask_annealing_windows
+
+    config, params = from_hf_eomt(hf_model.state_dict(), hf_model.config)
+    model = EoMT(**config)
+    rng = np.random.default_rng(0)
+    targets = Targets(masks=(rng.random((2, 3, 64, 64)) > 0.5).astype(np.float32),
+                      labels=rng.integers(0, 5, (2, 3)).astype(np.int32),
+                      valid=np.array([[True, True, False], [True, False, False]]))
+    tx = optax.adamw(1e-4)
+    opt_state = tx.init(params)
+    starts, ends = mask_annealing_windows(60, 2)
+    traces = []
+
+    @jax.jit
+    def train_step(params, opt_state, step, key):
+        traces.append(1)
+        mask_key, loss_key = jax.random.split(key)
+
+        def loss_fn(p):
+            out = model.apply({"params": p}, _images(), mask_annealing_probs(step, starts, ends),
+                              rngs={"masking": mask_key})
+            return set_loss(out["class_logits"], out["mask_logits"], targets, loss_key,
+                            SetLossConfig(num_points=64))
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for step in (0, 15, 25, 40, 59):
+        params, opt_state, loss = train_step(params, opt_state, step, jax.random.key(step))
+        losses.append(float(loss))
+    assert len(traces) == 1
+    assert all(np.isfinite(losses))

@@ -188,3 +188,11 @@ def test_bad_arguments():
         match(cost, np.ones((2, 5), bool))
     with pytest.raises(TypeError, match="bool"):
         match(cost, np.ones((2, 3), np.int32))
+
+
+@pytest.mark.parametrize("num_queries,num_targets", [(12, 8), (6, 9)])
+def test_hungarian_on_512_random_problems_with_ties_and_padding(num_queries, num_targets):
+    """Small integer costs make ties common; about a third of the target slots are padding."""
+    cost = RNG.integers(0, 4, (512, num_queries, num_targets)).astype(np.float32)
+    valid = random_valid(512, num_targets, 0.65)
+    check_matching(jitted("hungarian")(cost, valid), cost, valid)
