@@ -1,0 +1,191 @@
+"""Times jaxseg's EoMT against transformers' EomtForUniversalSegmentation on the same weights and
+inputs, and prints a table with ratios.
+
+    python tools/benchmark_eomt.py --size S --image-size 256 --batch 2 --queries 100 --targets 20
+
+Rows: inference forward (masked attention off), and a training step (masked attention on with all
+probabilities 1, set loss over the L2+1 predictions, backward, AdamW update). Median of --steps timed
+runs after warm-up/compilation. Also: the share of the jaxseg step spent in matching (cost matrix +
+Hungarian for every prediction layer), measured by timing that part alone. On a GPU the JAX peak
+memory is reported too. transformers is optional (--no-torch).
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxseg.losses.mask_classification import SetLossConfig, Targets, draw_points, matching_cost, set_loss
+from jaxseg.matching import match
+from jaxseg.models.eomt import EoMT, eomt_config
+
+
+def _median_seconds(fn, steps):
+    fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _targets(batch, num_targets, size, num_classes, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    masks = np.zeros((batch, num_targets, size, size), np.float32)
+    for b in range(batch):
+        for g in range(num_targets):
+            cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(size / 16, size / 4)]
+            masks[b, g] = np.hypot(yy - cy, xx - cx) < r
+    labels = rng.integers(0, num_classes, (batch, num_targets)).astype(np.int32)
+    return Targets(masks, labels, np.ones((batch, num_targets), bool))
+
+
+def bench_jax(config, images, targets, loss_config, steps):
+    model = EoMT(**config)
+    num_blocks = config["num_query_blocks"]
+    variables = jax.jit(lambda: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)},
+                                           images[:1], jnp.ones(num_blocks)))()
+    params = variables["params"]
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    tx = optax.adamw(1e-4)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, key):
+        mask_key, loss_key = jax.random.split(key)
+
+        def loss_fn(p):
+            out = model.apply({"params": p}, images, jnp.ones(num_blocks), rngs={"masking": mask_key})
+            return set_loss(out["class_logits"], out["mask_logits"], targets, loss_key, loss_config)[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    out = forward(params, images)
+    layers = num_blocks + 1
+
+    @jax.jit
+    def matching_only(class_logits, mask_logits, key):
+        results = []
+        for layer_key in jax.random.split(key, layers):
+            draws = draw_points(layer_key, targets.labels.shape[0], targets.labels.shape[1], loss_config)
+            cost = matching_cost(class_logits, mask_logits, targets, draws.match_points, loss_config)
+            results.append(match(cost, targets.valid, method=loss_config.matcher).query_of_target)
+        return results
+
+    state = {"params": params, "opt": opt_state}
+
+    def step():
+        state["params"], state["opt"], loss = train_step(state["params"], state["opt"], jax.random.key(0))
+        loss.block_until_ready()
+
+    results = {
+        "forward": _median_seconds(lambda: forward(params, images)["mask_logits"].block_until_ready(), steps),
+        "train step": _median_seconds(step, steps),
+        "matching": _median_seconds(lambda: jax.block_until_ready(matching_only(
+            out["class_logits"][0], out["mask_logits"][0], jax.random.key(0))), steps),
+    }
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        results["peak GiB"] = stats["peak_bytes_in_use"] / 2**30
+    return results
+
+
+def bench_torch(config, images, targets, num_points, steps):
+    import torch
+
+    sys.path.insert(0, "tests")
+    import torch_guard
+    torch_guard.install()
+    from transformers import EomtConfig, EomtForUniversalSegmentation
+
+    enc = config["encoder"]
+    hf_config = EomtConfig(
+        hidden_size=enc["width"], num_hidden_layers=enc["depth"], num_attention_heads=enc["num_heads"],
+        mlp_ratio=enc["mlp_dim"] // enc["width"], image_size=images.shape[1], patch_size=enc["patch_size"],
+        num_register_tokens=enc["num_registers"], num_blocks=config["num_query_blocks"],
+        num_queries=config["num_queries"], num_labels=config["num_classes"], train_num_points=num_points,
+        use_swiglu_ffn=enc.get("mlp_type") == "swiglu")
+    model = EomtForUniversalSegmentation(hf_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
+    mask_labels = [torch.from_numpy(m) for m in targets.masks]
+    class_labels = [torch.from_numpy(c).long() for c in targets.labels]
+
+    def forward():
+        model.eval()
+        model.attn_mask_probs.fill_(0.0)
+        with torch.no_grad():
+            model(pixel_values=x)
+
+    def train_step():
+        model.train()
+        model.attn_mask_probs.fill_(1.0)
+        optimizer.zero_grad(set_to_none=True)
+        model(pixel_values=x, mask_labels=mask_labels, class_labels=class_labels).loss.backward()
+        optimizer.step()
+
+    return {"forward": _median_seconds(forward, steps), "train step": _median_seconds(train_step, steps)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--size", default="S", choices=["S", "B", "L", "g"])
+    parser.add_argument("--depth", type=int, help="override the backbone depth (small CPU runs)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--targets", type=int, default=20)
+    parser.add_argument("--points", type=int, default=12544)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args(argv)
+
+    overrides = {"dtype": args.dtype}
+    if args.depth:
+        overrides["depth"] = args.depth
+    config = eomt_config(args.size, num_classes=args.classes, num_queries=args.queries,
+                         image_size=args.image_size, **overrides)
+    if args.depth:
+        config["num_query_blocks"] = min(config["num_query_blocks"], args.depth)
+    images = np.random.default_rng(0).random((args.batch, args.image_size, args.image_size, 3),
+                                            dtype=np.float32)
+    targets = _targets(args.batch, args.targets, args.image_size, args.classes)
+    loss_config = SetLossConfig(num_points=args.points)
+    rows = [("jaxseg", bench_jax(config, jnp.asarray(images), targets, loss_config, args.steps))]
+    if not args.no_torch:
+        rows.append(("transformers", bench_torch(config, images, targets, args.points, args.steps)))
+
+    device = jax.devices()[0]
+    enc = config["encoder"]
+    print(f"# EoMT-{args.size} (depth {enc['depth']}, L2 {config['num_query_blocks']}, Q {args.queries}), "
+          f"{args.image_size}px, batch {args.batch}, {args.targets} targets, {args.points} points, "
+          f"{args.dtype}; JAX on {device.platform} ({device.device_kind}), jax {jax.__version__}")
+    print("| implementation | forward ms | images/s | train step ms | images/s | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows:
+        peak = f"{r['peak GiB']:.2f}" if "peak GiB" in r else "-"
+        print(f"| {name} | {r['forward'] * 1e3:.1f} | {args.batch / r['forward']:.2f} | "
+              f"{r['train step'] * 1e3:.1f} | {args.batch / r['train step']:.2f} | {peak} |")
+    jax_r = rows[0][1]
+    print(f"jaxseg matching (cost + Hungarian, {config['num_query_blocks'] + 1} layers): "
+          f"{jax_r['matching'] * 1e3:.1f} ms = {100 * jax_r['matching'] / jax_r['train step']:.1f}% of "
+          f"the train step")
+    if len(rows) == 2:
+        t = rows[1][1]
+        print(f"jaxseg / transformers time ratio: forward {jax_r['forward'] / t['forward']:.2f}, "
+              f"train step {jax_r['train step'] / t['train step']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
