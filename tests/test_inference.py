@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxseg.inference.mask_classification import (instance_predictions, panoptic_segments,
-                                                  semantic_scores, window_starts)
+from jaxseg.inference.mask_classification import instance_predictions, panoptic_segments, semantic_scores
+from jaxseg.inference.semantic import window_starts
 
 K, Q = 5, 12
 IS_THING = np.array([True, True, False, False, True])

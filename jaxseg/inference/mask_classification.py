@@ -93,13 +93,3 @@ def instance_predictions(class_logits: Array, mask_logits: Array, num_instances:
     mask_scores = (jax.nn.sigmoid(logits) * masks).sum((1, 2)) / (masks.sum((1, 2)) + 1e-6)
     return masks, classes.astype(jnp.int32), top_scores * mask_scores
 
-
-def window_starts(length: int, crop: int) -> list[int]:
-    """Starts of the square windows that EoMT's semantic evaluation cuts along the longer side:
-    n = ceil(length / crop) windows with their overlap spread evenly."""
-    if length <= crop:
-        return [0]
-    num = -(-length // crop)
-    overlap = num * crop - length
-    return [int(k * (crop - overlap / (num - 1))) for k in range(num)]
-

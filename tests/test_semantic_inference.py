@@ -1,0 +1,54 @@
+"""Sliding-window semantic segmentation: windows, averaging, resizing, and EoMT's score function."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg.inference.mask_classification import semantic_scores
+from jaxseg.inference.semantic import (mask_classification_score_fn, segment, sliding_window_scores,
+                                       window_starts)
+from jaxseg.models.eomt import EoMT, eomt_config
+from jaxseg.ops.resize import resize
+
+
+def _pixels_as_scores(windows):
+    return jnp.moveaxis(windows, -1, 1)  # K = 3 "scores": the pixels themselves
+
+
+@pytest.mark.parametrize("size", [(40, 100), (100, 40), (20, 20), (50, 70), (32, 32)])
+def test_windows_reassemble_a_pointwise_score(size):
+    """With a per-pixel score function, cutting, averaging and re-assembling must give exactly the
+    score of the whole resized image."""
+    image = np.random.default_rng(0).random((*size, 3), dtype=np.float32)
+    crop = 32
+    scale = max(crop / size[0], crop / size[1])
+    resized = resize(image, (round(size[0] * scale), round(size[1] * scale)), method="bilinear",
+                     antialias=True, axes=(0, 1))
+    expected = resize(jnp.moveaxis(resized, -1, 0), size, method="bilinear", axes=(1, 2))
+    scores = sliding_window_scores(_pixels_as_scores, image, crop)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert segment(_pixels_as_scores, image, crop).shape == size
+
+
+def test_windows_start_where_eomt_cuts():
+    assert window_starts(2048, 1024) == [0, 1024]
+    assert window_starts(683, 512) == [0, 171]
+
+
+def test_eomt_score_function_on_one_window():
+    config = eomt_config("S", num_classes=4, num_queries=5, image_size=32, depth=2, width=32, num_heads=2,
+                         mlp_dim=64)
+    config["num_query_blocks"] = 1
+    model = EoMT(**config)
+    image = np.random.default_rng(1).random((32, 32, 3), dtype=np.float32)
+    params = model.init(jax.random.key(0), image[None])["params"]
+
+    def predict(windows):
+        out = model.apply({"params": params}, windows)
+        return out["class_logits"][-1], out["mask_logits"][-1]
+
+    scores = sliding_window_scores(mask_classification_score_fn(predict), image, 32)
+    class_logits, mask_logits = predict(image[None])
+    expected = semantic_scores(class_logits[0], resize(mask_logits[0], (32, 32), axes=(-2, -1)))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
+    assert scores.shape == (4, 32, 32)
