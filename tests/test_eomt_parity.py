@@ -14,7 +14,7 @@ import torch
 from transformers import EomtConfig, EomtForUniversalSegmentation
 
 from jaxseg.convert import WeightConversionError, from_hf_eomt, from_official_eomt, to_timm
-from jaxseg.models.eomt import EoMT
+from jaxseg.models.eomt import EoMT, eomt_config
 from timm_reference import rel_err
 
 TOL = 1e-5
@@ -189,3 +189,20 @@ def test_masked_train_step_compiles_once_across_annealing(hf_model):
         losses.append(float(loss))
     assert len(traces) == 1
     assert all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("size,width,depth,heads", [("S", 384, 12, 6), ("L", 1024, 24, 16),
+                                                     ("g", 1536, 40, 24)])
+def test_variant_parameter_counts_match_hf(size, width, depth, heads):
+    """Shape-only (nothing is allocated): the 640 px COCO-panoptic variants have exactly as many
+    parameters as transformers' EoMT built with the same sizes."""
+    config = eomt_config(size, num_classes=133, num_queries=200, image_size=640)
+    abstract = jax.eval_shape(lambda: EoMT(**config).init(
+        {"params": jax.random.key(0), "masking": jax.random.key(1)}, jnp.zeros((1, 640, 640, 3))))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
+    with torch.device("meta"):
+        reference = EomtForUniversalSegmentation(EomtConfig(
+            hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, image_size=640,
+            patch_size=16, num_blocks=config["num_query_blocks"], num_queries=200, num_labels=133,
+            use_swiglu_ffn=size == "g"))
+    assert ours == sum(p.numel() for p in reference.parameters())
