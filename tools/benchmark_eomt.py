@@ -10,28 +10,20 @@ Hungarian for every prediction layer), measured by timing that part alone. On a 
 memory is reported too. transformers is optional (--no-torch).
 """
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxseg.losses.mask_classification import SetLossConfig, Targets, draw_points, matching_cost, set_loss
+from bench_common import install_torch_guard, median_seconds, print_table
+from jaxseg.losses.mask_classification import (SetLossConfig, Targets, draw_points, matching_cost,
+                                               set_loss)
 from jaxseg.matching import match
 from jaxseg.models.eomt import EoMT, eomt_config
 
 
-def _median_seconds(fn, steps):
-    fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _targets(batch, num_targets, size, num_classes, seed=0):
@@ -87,9 +79,10 @@ def bench_jax(config, images, targets, loss_config, steps):
         loss.block_until_ready()
 
     results = {
-        "forward": _median_seconds(lambda: forward(params, images)["mask_logits"].block_until_ready(), steps),
-        "train step": _median_seconds(step, steps),
-        "matching": _median_seconds(lambda: jax.block_until_ready(matching_only(
+        "forward": median_seconds(lambda: forward(params, images)["mask_logits"].block_until_ready(),
+                                  steps),
+        "train step": median_seconds(step, steps),
+        "matching": median_seconds(lambda: jax.block_until_ready(matching_only(
             out["class_logits"][0], out["mask_logits"][0], jax.random.key(0))), steps),
     }
     stats = jax.devices()[0].memory_stats() or {}
@@ -101,9 +94,7 @@ def bench_jax(config, images, targets, loss_config, steps):
 def bench_torch(config, images, targets, num_points, steps):
     import torch
 
-    sys.path.insert(0, "tests")
-    import torch_guard
-    torch_guard.install()
+    install_torch_guard()
     from transformers import EomtConfig, EomtForUniversalSegmentation
 
     enc = config["encoder"]
@@ -132,7 +123,7 @@ def bench_torch(config, images, targets, num_points, steps):
         model(pixel_values=x, mask_labels=mask_labels, class_labels=class_labels).loss.backward()
         optimizer.step()
 
-    return {"forward": _median_seconds(forward, steps), "train step": _median_seconds(train_step, steps)}
+    return {"forward": median_seconds(forward, steps), "train step": median_seconds(train_step, steps)}
 
 
 def main(argv=None) -> int:
@@ -167,23 +158,14 @@ def main(argv=None) -> int:
 
     device = jax.devices()[0]
     enc = config["encoder"]
-    print(f"# EoMT-{args.size} (depth {enc['depth']}, L2 {config['num_query_blocks']}, Q {args.queries}), "
-          f"{args.image_size}px, batch {args.batch}, {args.targets} targets, {args.points} points, "
-          f"{args.dtype}; JAX on {device.platform} ({device.device_kind}), jax {jax.__version__}")
-    print("| implementation | forward ms | images/s | train step ms | images/s | peak GiB |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows:
-        peak = f"{r['peak GiB']:.2f}" if "peak GiB" in r else "-"
-        print(f"| {name} | {r['forward'] * 1e3:.1f} | {args.batch / r['forward']:.2f} | "
-              f"{r['train step'] * 1e3:.1f} | {args.batch / r['train step']:.2f} | {peak} |")
-    jax_r = rows[0][1]
+    print_table(f"# EoMT-{args.size} (depth {enc['depth']}, L2 {config['num_query_blocks']}, "
+                f"Q {args.queries}), {args.image_size}px, batch {args.batch}, {args.targets} targets, "
+                f"{args.points} points, {args.dtype}; JAX on {device.platform} ({device.device_kind}), "
+                f"jax {jax.__version__}", args.batch, rows, ("forward", "train step"))
+    timings = rows[0][1]
     print(f"jaxseg matching (cost + Hungarian, {config['num_query_blocks'] + 1} layers): "
-          f"{jax_r['matching'] * 1e3:.1f} ms = {100 * jax_r['matching'] / jax_r['train step']:.1f}% of "
-          f"the train step")
-    if len(rows) == 2:
-        t = rows[1][1]
-        print(f"jaxseg / transformers time ratio: forward {jax_r['forward'] / t['forward']:.2f}, "
-              f"train step {jax_r['train step'] / t['train step']:.2f}")
+          f"{timings['matching'] * 1e3:.1f} ms = {100 * timings['matching'] / timings['train step']:.1f}% "
+          f"of the train step")
     return 0
 
 

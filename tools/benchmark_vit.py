@@ -8,32 +8,23 @@ memory is reported too.
 """
 import argparse
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_common import install_torch_guard, median_seconds, print_table
 from jaxseg.convert.timm import abstract_params, to_timm
 from jaxseg.models.vit import ViT, vit_config
 
-TIMM_NAMES = {("S", "deit"): "deit_small_patch16_224", ("B", "deit"): "deit_base_patch16_224",
+TIMM_NAMES = {("Ti", "deit"): "deit_tiny_patch16_224", ("S", "deit"): "deit_small_patch16_224", ("B", "deit"): "deit_base_patch16_224",
               ("L", "deit"): "vit_large_patch16_224", ("S", "dinov2_reg"): "vit_small_patch14_reg4_dinov2",
               ("B", "dinov2_reg"): "vit_base_patch14_reg4_dinov2",
               ("L", "dinov2_reg"): "vit_large_patch14_reg4_dinov2",
               ("g", "dinov2_reg"): "vit_giant_patch14_reg4_dinov2"}
 
 
-def _median_seconds(fn, steps):
-    fn()  # warm-up (and compilation for JAX)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_jax(config, images, steps):
@@ -42,8 +33,8 @@ def bench_jax(config, images, steps):
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
     grad = jax.jit(jax.grad(lambda p, x: jnp.mean(model.apply({"params": p}, x)[0] ** 2)))
     x = jnp.asarray(images)
-    results = {"forward": _median_seconds(lambda: forward(params, x).block_until_ready(), steps),
-               "forward+backward": _median_seconds(
+    results = {"forward": median_seconds(lambda: forward(params, x).block_until_ready(), steps),
+               "forward+backward": median_seconds(
                    lambda: jax.block_until_ready(grad(params, x)), steps)}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -54,9 +45,7 @@ def bench_jax(config, images, steps):
 def bench_timm(config, timm_name, images, steps):
     import torch
 
-    sys.path.insert(0, "tests")
-    import torch_guard
-    torch_guard.install()
+    install_torch_guard()
     import timm
 
     size = images.shape[1:3]
@@ -72,8 +61,8 @@ def bench_timm(config, timm_name, images, steps):
         model.zero_grad(set_to_none=True)
         model.forward_features(x).pow(2).mean().backward()
 
-    return {"forward": _median_seconds(forward, steps),
-            "forward+backward": _median_seconds(forward_backward, steps)}
+    return {"forward": median_seconds(forward, steps),
+            "forward+backward": median_seconds(forward_backward, steps)}
 
 
 def main(argv=None) -> int:
@@ -102,18 +91,10 @@ def main(argv=None) -> int:
         rows.append(("timm", bench_timm(config, TIMM_NAMES[(args.variant.split("/")[0], args.family)],
                                          images, args.steps)))
     device = jax.devices()[0]
-    print(f"# ViT-{args.variant} ({args.family}, {count / 1e6:.1f}M params), batch {args.batch}, "
-          f"{args.image_size}px, {args.dtype}; JAX on {device.platform} ({device.device_kind}), "
-          f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
-    print("| implementation | forward ms/batch | images/s | fwd+bwd ms/batch | images/s | peak GiB |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows:
-        peak = f"{r['peak GiB']:.2f}" if "peak GiB" in r else "-"
-        print(f"| {name} | {r['forward'] * 1e3:.1f} | {args.batch / r['forward']:.1f} | "
-              f"{r['forward+backward'] * 1e3:.1f} | {args.batch / r['forward+backward']:.1f} | {peak} |")
-    if len(rows) == 2:
-        print(f"jaxseg / timm time ratio: forward {rows[0][1]['forward'] / rows[1][1]['forward']:.2f}, "
-              f"fwd+bwd {rows[0][1]['forward+backward'] / rows[1][1]['forward+backward']:.2f}")
+    print_table(f"# ViT-{args.variant} ({args.family}, {count / 1e6:.1f}M params), batch {args.batch}, "
+                f"{args.image_size}px, {args.dtype}; JAX on {device.platform} ({device.device_kind}), "
+                f"{platform.processor() or platform.machine()}, jax {jax.__version__}",
+                args.batch, rows, ("forward", "forward+backward"))
     return 0
 
 

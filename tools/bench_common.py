@@ -1,0 +1,38 @@
+"""Shared pieces of the benchmark scripts: timing, importing the PyTorch references, the result table."""
+import pathlib
+import statistics
+import sys
+import time
+
+
+def median_seconds(fn, steps: int) -> float:
+    """Median wall time of `fn()` over `steps` runs after one warm-up (and compilation) run."""
+    fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def install_torch_guard() -> None:
+    """Makes timm / transformers importable next to a CUDA torchvision (see tests/torch_guard.py)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    import torch_guard
+    torch_guard.install()
+
+
+def print_table(title: str, batch: int, rows: list, timings: tuple) -> None:
+    """Markdown table of `rows` = [(implementation, {timing name: seconds, "peak GiB"?: float})] with
+    ms and images/s per timing, then the time ratio of the first row to the second."""
+    print(title)
+    print("| implementation | " + " | ".join(f"{t} ms | images/s" for t in timings) + " | peak GiB |")
+    print("|---|" + "---|---|" * len(timings) + "---|")
+    for name, r in rows:
+        cells = " | ".join(f"{r[t] * 1e3:.1f} | {batch / r[t]:.2f}" for t in timings)
+        peak = f"{r['peak GiB']:.2f}" if "peak GiB" in r else "-"
+        print(f"| {name} | {cells} | {peak} |")
+    if len(rows) == 2:
+        (ours, a), (reference, b) = rows
+        print(f"{ours} / {reference} time ratio: " + ", ".join(f"{t} {a[t] / b[t]:.2f}" for t in timings))
