@@ -6,8 +6,13 @@ inputs, and prints a table with ratios.
 Rows: inference forward (masked attention off), and a training step (masked attention on with all
 probabilities 1, set loss over the L2+1 predictions, backward, AdamW update). Median of --steps timed
 runs after warm-up/compilation. Also: the share of the jaxseg step spent in matching (cost matrix +
-Hungarian for every prediction layer), measured by timing that part alone. On a GPU the JAX peak
-memory is reported too. transformers is optional (--no-torch).
+Hungarian for every prediction layer), measured by timing that part alone; the FLOPs of both jaxseg
+programs (XLA cost analysis), achieved TFLOP/s and, given --peak-tflops, MFU. On a GPU the JAX peak
+memory is reported too, and PyTorch runs on CUDA (under bfloat16 autocast with --dtype bfloat16).
+transformers is optional (--no-torch). A GPU run of the paper's setting:
+
+    python tools/benchmark_eomt.py --size L --image-size 640 --queries 200 --batch 16 --dtype bfloat16 \
+        --targets 100 --peak-tflops 989
 """
 import argparse
 import sys
@@ -36,6 +41,14 @@ def _targets(batch, num_targets, size, num_classes, seed=0):
             masks[b, g] = np.hypot(yy - cy, xx - cx) < r
     labels = rng.integers(0, num_classes, (batch, num_targets)).astype(np.int32)
     return Targets(masks, labels, np.ones((batch, num_targets), bool))
+
+
+def _flops(jitted, *args) -> float | None:
+    """FLOPs of one call, from XLA's cost analysis of the compiled program (None if unavailable)."""
+    analysis = jitted.lower(*args).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return (analysis or {}).get("flops")
 
 
 def bench_jax(config, images, targets, loss_config, steps):
@@ -85,13 +98,15 @@ def bench_jax(config, images, targets, loss_config, steps):
         "matching": median_seconds(lambda: jax.block_until_ready(matching_only(
             out["class_logits"][0], out["mask_logits"][0], jax.random.key(0))), steps),
     }
+    results["flops"] = {"forward": _flops(forward, params, images),
+                        "train step": _flops(train_step, params, opt_state, jax.random.key(0))}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         results["peak GiB"] = stats["peak_bytes_in_use"] / 2**30
     return results
 
 
-def bench_torch(config, images, targets, num_points, steps):
+def bench_torch(config, images, targets, num_points, steps, dtype):
     import torch
 
     install_torch_guard()
@@ -104,24 +119,33 @@ def bench_torch(config, images, targets, num_points, steps):
         num_register_tokens=enc["num_registers"], num_blocks=config["num_query_blocks"],
         num_queries=config["num_queries"], num_labels=config["num_classes"], train_num_points=num_points,
         use_swiglu_ffn=enc.get("mlp_type") == "swiglu")
-    model = EomtForUniversalSegmentation(hf_config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model = EomtForUniversalSegmentation(hf_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
-    mask_labels = [torch.from_numpy(m) for m in targets.masks]
-    class_labels = [torch.from_numpy(c).long() for c in targets.labels]
+    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
+    mask_labels = [torch.from_numpy(m).to(device) for m in targets.masks]
+    class_labels = [torch.from_numpy(c).long().to(device) for c in targets.labels]
+
+    def autocast():  # the mixed-precision counterpart of jaxseg's bfloat16 compute
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def forward():
         model.eval()
         model.attn_mask_probs.fill_(0.0)
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(pixel_values=x)
+        synchronize()
 
     def train_step():
         model.train()
         model.attn_mask_probs.fill_(1.0)
         optimizer.zero_grad(set_to_none=True)
-        model(pixel_values=x, mask_labels=mask_labels, class_labels=class_labels).loss.backward()
+        with autocast():
+            loss = model(pixel_values=x, mask_labels=mask_labels, class_labels=class_labels).loss
+        loss.backward()
         optimizer.step()
+        synchronize()
 
     return {"forward": median_seconds(forward, steps), "train step": median_seconds(train_step, steps)}
 
@@ -138,6 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--points", type=int, default=12544)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak dense TFLOP/s at this dtype, to report MFU")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args(argv)
 
@@ -154,7 +180,8 @@ def main(argv=None) -> int:
     loss_config = SetLossConfig(num_points=args.points)
     rows = [("jaxseg", bench_jax(config, jnp.asarray(images), targets, loss_config, args.steps))]
     if not args.no_torch:
-        rows.append(("transformers", bench_torch(config, images, targets, args.points, args.steps)))
+        rows.append(("transformers", bench_torch(config, images, targets, args.points, args.steps,
+                                                 args.dtype)))
 
     device = jax.devices()[0]
     enc = config["encoder"]
@@ -163,6 +190,11 @@ def main(argv=None) -> int:
                 f"{args.points} points, {args.dtype}; JAX on {device.platform} ({device.device_kind}), "
                 f"jax {jax.__version__}", args.batch, rows, ("forward", "train step"))
     timings = rows[0][1]
+    for name, flops in timings["flops"].items():
+        if flops:
+            achieved = flops / timings[name] / 1e12
+            mfu = f", MFU {100 * achieved / args.peak_tflops:.1f}%" if args.peak_tflops else ""
+            print(f"jaxseg {name}: {flops / 1e9:.1f} GFLOP (XLA cost analysis), {achieved:.3f} TFLOP/s{mfu}")
     print(f"jaxseg matching (cost + Hungarian, {config['num_query_blocks'] + 1} layers): "
           f"{timings['matching'] * 1e3:.1f} ms = {100 * timings['matching'] / timings['train step']:.1f}% "
           f"of the train step")
