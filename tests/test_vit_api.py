@@ -148,3 +148,14 @@ def test_a_parent_module_can_drive_embed_blocks_and_norm(tiny):
     assert jax.tree_util.tree_structure(Wrapper().init(jax.random.key(0), images)) == \
         jax.tree_util.tree_structure(wrapped)
     np.testing.assert_array_equal(Wrapper().apply(wrapped, images), model.apply(variables, images)[0])
+
+
+def test_block_attention_probs_recomputes_the_forward_maps(tiny):
+    model, variables = tiny
+    images = jax.random.normal(jax.random.key(2), (2, 16, 24, 3))
+    _, out = model.apply(variables, images, return_attention=True)
+    inputs = [out["embedded"]] + out["blocks"][:-1]
+    for i, x in enumerate(inputs):
+        probs = model.apply(variables, x, method=lambda m, x: m.blocks[i].attention_probs(x))
+        np.testing.assert_array_equal(probs, out["attn_probs"][i])
+    assert set(out) == {"embedded", "blocks", "attn_probs", "attn_out"}

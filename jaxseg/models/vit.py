@@ -83,7 +83,7 @@ def _zeros(axes: Sequence[str | None]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(axes))
 
 
-def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+def _layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
@@ -217,28 +217,41 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        self.norm1 = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype)
+        self.attn = Attention(self.num_heads, self.qkv_bias, self.attention_dropout_rate, self.dtype,
+                              self.param_dtype)
+        self.norm2 = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype)
+        self.mlp = Mlp(self.mlp_dim, self.mlp_type, self.dropout_rate, self.dtype, self.param_dtype)
+        if self.layerscale_init is not None:
+            self.ls1 = LayerScale(self.layerscale_init, self.param_dtype)
+            self.ls2 = LayerScale(self.layerscale_init, self.param_dtype)
+        self.drop_path = DropPath(self.drop_path_rate)
+        self.dropout = nn.Dropout(self.dropout_rate)
+
+    def attention_probs(self, x: Array, mask: Array | None = None) -> Array:
+        """This block's softmax attention (B, heads, N, N) for block input `x` (inference mode); lets a
+        caller recompute the maps layer by layer instead of keeping every layer's."""
+        return self.attn(self.norm1(x), mask, True, True)[1]
+
     def __call__(self, x: Array, mask: Array | None = None, deterministic: bool = True,
                  return_attention: bool = False) -> tuple[Array, dict]:
-        """Returns the block output and, with `return_attention`, {"attn_probs": (B, heads, N, N),
-        "attn_out": (B, N, D) attention sub-layer output}."""
-        def residual_branch(y, name):
-            if self.layerscale_init is not None:
-                y = LayerScale(self.layerscale_init, self.param_dtype, name=f"ls{name}")(y)
-            return DropPath(self.drop_path_rate)(y, deterministic)
-
-        y = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm1")(x)
-        attn_out, probs = Attention(
-            self.num_heads, self.qkv_bias, self.attention_dropout_rate, self.dtype, self.param_dtype,
-            name="attn")(y, mask, deterministic, return_attention)
-        y = nn.Dropout(self.dropout_rate)(attn_out, deterministic=deterministic)
-        x = x + residual_branch(y, 1)
-        y = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm2")(x)
-        y = Mlp(self.mlp_dim, self.mlp_type, self.dropout_rate, self.dtype, self.param_dtype,
-                name="mlp")(y, deterministic)
-        x = x + residual_branch(y, 2)
+        """Returns the block output and {"attn_out": (B, N, D) attention sub-layer output (after the
+        output projection, before LayerScale and the residual)}, plus "attn_probs" (B, heads, N, N) with
+        `return_attention`."""
+        attn_out, probs = self.attn(self.norm1(x), mask, deterministic, return_attention)
+        y = self.dropout(attn_out, deterministic=deterministic)
+        if self.layerscale_init is not None:
+            y = self.ls1(y)
+        x = x + self.drop_path(y, deterministic)
+        y = self.mlp(self.norm2(x), deterministic)
+        if self.layerscale_init is not None:
+            y = self.ls2(y)
+        x = x + self.drop_path(y, deterministic)
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-        aux = {"attn_probs": probs, "attn_out": attn_out} if return_attention else {}
+        aux = {"attn_out": attn_out}
+        if return_attention:
+            aux["attn_probs"] = probs
         return x, aux
 
 
