@@ -65,3 +65,16 @@ def test_resampled_patch_kernel_keeps_the_embedding_of_upsampled_patches():
     old = np.einsum("hwc,hwcd->d", patch, kernel)
     new = np.einsum("hwc,hwcd->d", upsampled, resample_patch_kernel(kernel, (16, 16)))
     assert rel_err(new, old) <= 1e-5
+
+
+@pytest.mark.parametrize("new_grid", [(20, 30), (7, 9), (14, 28)])
+def test_dino_posemb_resize_matches_interpolate_with_scale_factor(new_grid):
+    """DINO / MCTformer / WeakTr `interpolate_pos_encoding`: bicubic with scale factors (n + 0.1) / N."""
+    posemb = RNG.standard_normal((1, 3 + 14 * 14, 16)).astype(np.float32)
+    patch = torch.from_numpy(posemb[:, 3:]).reshape(1, 14, 14, 16).permute(0, 3, 1, 2)
+    resized = F.interpolate(patch, scale_factor=((new_grid[0] + 0.1) / 14, (new_grid[1] + 0.1) / 14),
+                            mode="bicubic")
+    expected = np.concatenate([posemb[:, :3], resized.permute(0, 2, 3, 1).reshape(1, -1, 16).numpy()], 1)
+    assert rel_err(resample_posemb(posemb, (14, 14), new_grid, 3, mode="dino"), expected) <= TOL
+    with pytest.raises(ValueError, match="posemb resize mode"):
+        resample_posemb(posemb, (14, 14), new_grid, 3, mode="nearest")

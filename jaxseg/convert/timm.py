@@ -42,7 +42,7 @@ _STRUCTURAL = ("width", "depth", "mlp_dim", "mlp_type", "in_channels", "num_cls_
 # Changed by resampling or re-arranging the tensors, or not stored in them.
 _ADJUSTABLE = ("patch_size", "posemb_grid", "image_size", "posemb_covers_prefix", "num_heads",
                "layernorm_eps", "final_norm", "drop_path_rate", "dropout_rate",
-               "attention_dropout_rate", "dtype", "param_dtype", "remat")
+               "attention_dropout_rate", "dtype", "param_dtype", "remat", "posemb_resize")
 
 
 def _canonical_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

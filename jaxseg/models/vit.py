@@ -262,7 +262,8 @@ class ViT(nn.Module):
       width, depth, num_heads, mlp_dim: the size (see `SIZES`).
       patch_size: side of the square patches (the conv stem's kernel and stride).
       posemb_grid: (rows, cols) of the stored position embedding; other input grids resample it at call
-        time with timm's bicubic + antialias (`resample_abs_pos_embed`).
+        time, as `posemb_resize` says: "timm" (bicubic + antialias, `resample_abs_pos_embed`) or "dino"
+        (DINO's `interpolate_pos_encoding`, used by MCTformer / WeakTr); see `resample_posemb`.
       num_cls_tokens: class tokens (0, 1, or one per class for WeakTr).
       num_registers: register tokens (DINOv2 with registers: 4).
       posemb_covers_prefix: True if the position embedding has entries for the class/register tokens
@@ -279,6 +280,7 @@ class ViT(nn.Module):
     mlp_dim: int = 1536
     patch_size: int = 16
     posemb_grid: tuple[int, int] = (14, 14)
+    posemb_resize: str = "timm"
     in_channels: int = 3
     num_cls_tokens: int = 1
     num_registers: int = 0
@@ -350,7 +352,8 @@ class ViT(nn.Module):
 
     def position_embedding(self, grid: tuple[int, int]) -> Array:
         """The position embedding for a patch grid: (1, num_posemb_prefix + rows*cols, D)."""
-        return resample_posemb(self.pos_embed, self.posemb_grid, grid, self.num_posemb_prefix)
+        return resample_posemb(self.pos_embed, self.posemb_grid, grid, self.num_posemb_prefix,
+                               self.posemb_resize)
 
     def embed(self, images: Array, *, train: bool = False) -> Array:
         """Patch embedding + class/register tokens + position embedding: (B, prefix + patches, D),

@@ -10,13 +10,20 @@ import numpy as np
 from jaxseg.ops.resize import interpolation_matrix, resize
 
 
-def resample_posemb(posemb: jax.Array, old_grid: Sequence[int], new_grid: Sequence[int],
-                    num_prefix_tokens: int = 0) -> jax.Array:
-    """Resamples a (1, prefix + rows*cols, D) position embedding to another patch grid.
+POSEMB_RESIZE_MODES = ("timm", "dino")
 
-    timm's `resample_abs_pos_embed`: the prefix (class/register) entries are kept, the patch grid is
-    resized with bicubic interpolation and antialiasing, in float32.
+
+def resample_posemb(posemb: jax.Array, old_grid: Sequence[int], new_grid: Sequence[int],
+                    num_prefix_tokens: int = 0, mode: str = "timm") -> jax.Array:
+    """Resamples a (1, prefix + rows*cols, D) position embedding to another patch grid, in float32; the
+    prefix (class/register) entries are kept.
+
+    mode "timm": timm's `resample_abs_pos_embed`, bicubic with antialiasing.
+    mode "dino": DINO's / DeiT-derived `interpolate_pos_encoding` (MCTformer, WeakTr): plain bicubic with
+      scale factors (new + 0.1) / old, which shift the sampling positions slightly.
     """
+    if mode not in POSEMB_RESIZE_MODES:
+        raise ValueError(f"posemb resize mode must be one of {POSEMB_RESIZE_MODES}, got {mode!r}")
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     expected = num_prefix_tokens + old_grid[0] * old_grid[1]
     if posemb.ndim != 3 or posemb.shape[:2] != (1, expected):
@@ -27,7 +34,11 @@ def resample_posemb(posemb: jax.Array, old_grid: Sequence[int], new_grid: Sequen
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     width = posemb.shape[-1]
     grid = grid.reshape(1, *old_grid, width).astype(jnp.float32)
-    grid = resize(grid, new_grid, method="bicubic", antialias=True)
+    if mode == "timm":
+        grid = resize(grid, new_grid, method="bicubic", antialias=True)
+    else:
+        grid = resize(grid, new_grid, method="bicubic",
+                      scale_factors=[(n + 0.1) / o for n, o in zip(new_grid, old_grid)])
     grid = grid.reshape(1, new_grid[0] * new_grid[1], width).astype(posemb.dtype)
     return jnp.concatenate([prefix, grid], axis=1)
 

@@ -26,9 +26,10 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
 
 
-def _plain_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
-    """PyTorch's `upsample_{bilinear,bicubic}2d`: half-pixel source index, border samples clamped."""
-    scale = in_size / out_size
+def _plain_matrix(in_size: int, out_size: int, method: str, scale: float | None = None) -> np.ndarray:
+    """PyTorch's `upsample_{bilinear,bicubic}2d`: half-pixel source index, border samples clamped.
+    `scale` (input pixels per output pixel) defaults to in/out; F.interpolate(scale_factor=f) uses 1/f."""
+    scale = in_size / out_size if scale is None else scale
     src = (np.arange(out_size) + 0.5) * scale - 0.5
     mat = np.zeros((out_size, in_size))
     rows = np.arange(out_size)
@@ -73,29 +74,41 @@ def _antialiased_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def interpolation_matrix(in_size: int, out_size: int, method: str = "bilinear",
-                         antialias: bool = False) -> np.ndarray:
-    """(out_size, in_size) float64 matrix M with resize(x) = M @ x along one axis."""
+                         antialias: bool = False, scale_factor: float | None = None) -> np.ndarray:
+    """(out_size, in_size) float64 matrix M with resize(x) = M @ x along one axis.
+
+    `scale_factor` reproduces `F.interpolate(scale_factor=...)`, whose sampling positions follow the given
+    factor rather than out/in (the output size is still floor(in * factor)); plain resizing only."""
     if method not in METHODS:
         raise ValueError(f"resize method must be one of {METHODS}, got {method!r}")
     if in_size < 1 or out_size < 1:
         raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
-    build = _antialiased_matrix if antialias else _plain_matrix
-    mat = build(in_size, out_size, method)
+    if scale_factor is not None:
+        if antialias:
+            raise ValueError("scale_factor is supported for plain (non-antialiased) resizing only")
+        mat = _plain_matrix(in_size, out_size, method, 1.0 / scale_factor)
+    elif antialias:
+        mat = _antialiased_matrix(in_size, out_size, method)
+    else:
+        mat = _plain_matrix(in_size, out_size, method)
     mat.flags.writeable = False
     return mat
 
 
 def resize(x: jax.Array, size: Sequence[int], *, method: str = "bilinear",
-           antialias: bool = False, axes: Sequence[int] = (-3, -2)) -> jax.Array:
+           antialias: bool = False, axes: Sequence[int] = (-3, -2),
+           scale_factors: Sequence[float] | None = None) -> jax.Array:
     """Resize `x` along `axes` (default: H, W of an NHWC array) to `size`, like
-    `torch.nn.functional.interpolate(..., mode=method, align_corners=False, antialias=antialias)`."""
-    if len(size) != len(axes):
+    `torch.nn.functional.interpolate(..., mode=method, align_corners=False, antialias=antialias)`;
+    with `scale_factors`, like `interpolate(scale_factor=...)` whose output size is `size`."""
+    if len(size) != len(axes) or (scale_factors is not None and len(scale_factors) != len(axes)):
         raise ValueError(f"size {tuple(size)} must give one length per resized axis {tuple(axes)}")
-    for axis, out_size in zip(axes, size):
+    for i, (axis, out_size) in enumerate(zip(axes, size)):
         in_size = x.shape[axis]
-        if in_size == out_size:
+        factor = None if scale_factors is None else float(scale_factors[i])
+        if in_size == out_size and factor in (None, 1.0):
             continue  # every method here is the identity at scale 1
-        mat = jnp.asarray(interpolation_matrix(in_size, int(out_size), method, antialias), x.dtype)
+        mat = jnp.asarray(interpolation_matrix(in_size, int(out_size), method, antialias, factor), x.dtype)
         moved = jnp.moveaxis(x, axis, -1)
         moved = jnp.einsum("...i,oi->...o", moved, mat, precision=jax.lax.Precision.HIGHEST)
         x = jnp.moveaxis(moved, -1, axis)
