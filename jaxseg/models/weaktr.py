@@ -1,0 +1,152 @@
+"""WeakTr stage 1: class activation maps from a multi-class-token ViT with Adaptive Attention Fusion.
+
+A DeiT-style ViT with C class tokens (position embedding over class tokens and patches, DINO-style
+resampling, no final norm) gives three predictions per image:
+  1. class-token logits: the channel mean of each class token's output;
+  2. coarse CAM Z = conv3x3(patch tokens) (D -> C), logits = its spatial mean;
+  3. fine CAM (WeakTr mode): all K x H attention maps A (layer k, head h) are fused with per-image sigmoid
+     weights w from the Adaptive Attention Fusion (AAF) module, Abar = mean_l w_l A_l; the cross
+     attention CA = Abar[class rows, patch columns] gates ReLU(stopgrad(Z)) into the fused CAM M, patch
+     attention PA = Abar[patch rows, patch columns] refines it, fine = PA @ M, logits = its spatial mean.
+AAF sees stop-gradient copies of the maps and of every layer's attention output, so the fine-CAM loss
+trains only the AAF. MCTformer mode ("mctformer") replaces AAF by the head mean summed over the last n
+layers (CA) and over all layers (PA), and has no fine prediction.
+
+Memory: keeping K x H maps of (C + P)^2 entries per image is the cost of a naive port. Here each layer's
+attention output is pooled as soon as it exists, and the weighted sum of the maps is accumulated layer
+by layer from the block inputs (the maps are recomputed, also in the backward pass), so at most one
+layer's maps exist at a time.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxseg.models.vit import ViT
+
+Array = jax.Array
+FUSIONS = ("aaf", "mctformer")
+
+
+def _torch_linear_init(fan_in: int):
+    # PyTorch's default Linear init (U(+-1/sqrt(fan_in)) for weight and bias), which WeakTr keeps for AAF.
+    bound = 1.0 / fan_in ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _linear(features: int, fan_in: int, name: str, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, kernel_init=_torch_linear_init(fan_in),
+                    bias_init=_torch_linear_init(fan_in), name=name)
+
+
+class AdaptiveAttentionFusion(nn.Module):
+    """Per-image weights (B, L) of the L = K * H attention maps from their pooled features (B, L, d):
+    Lin(d -> d/feat_reduction) -> Lin(-> 1) (no activation between, as the original) -> Lin(L -> L/reduction,
+    no bias) -> ReLU -> Lin(-> L, no bias) -> sigmoid."""
+    feat_reduction: int = 8
+    reduction: int = 8
+
+    @nn.compact
+    def __call__(self, pooled: Array) -> Array:
+        num_maps, dim = pooled.shape[1], pooled.shape[2]
+        hidden = dim // self.feat_reduction
+        e = _linear(hidden, dim, "feat_fc1")(pooled)
+        e = _linear(1, hidden, "feat_fc2")(e)[..., 0]
+        squeeze = num_maps // self.reduction
+        h = nn.relu(_linear(squeeze, num_maps, "head_fc1", use_bias=False)(e))
+        return nn.sigmoid(_linear(num_maps, squeeze, "head_fc2", use_bias=False)(h))
+
+
+def _fused_layer_attention(vit: ViT, layer: int, inputs: Array, weights: Array) -> Array:
+    """sum_h weights[:, h] * A_layer[:, h] for a block input: (B, T, T). The maps are inputs to the
+    fusion only (stop-gradient), as in WeakTr; only `weights` receives gradients."""
+    probs = jax.lax.stop_gradient(vit.blocks[layer].attention_probs(jax.lax.stop_gradient(inputs)))
+    return jnp.einsum("bh,bhij->bij", weights, probs)
+
+
+# Recomputed in the backward pass instead of keeping every layer's maps alive until then.
+_fused_layer_attention_remat = nn.remat(_fused_layer_attention, static_argnums=(1,))
+
+
+class WeakTr(nn.Module):
+    """WeakTr / MCTformer CAM network.
+
+    Attributes:
+      encoder: ViT keyword arguments; needs `num_cls_tokens == num_classes`, `final_norm=False`
+        (stage 1 reads the raw output of the last block) and typically `posemb_resize="dino"`.
+      num_classes: C (foreground classes).
+      fusion: "aaf" (WeakTr) or "mctformer".
+      pool: "max" (WeakTr's scripts) or "avg" pooling of the attention features over tokens.
+      feat_reduction, reduction: AAF widths (8 and 8 in WeakTr).
+      mctformer_layers: MCTformer sums the cross attention of this many last layers.
+    """
+    encoder: dict
+    num_classes: int
+    fusion: str = "aaf"
+    pool: str = "max"
+    feat_reduction: int = 8
+    reduction: int = 8
+    mctformer_layers: int = 12
+
+    def setup(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.pool not in ("max", "avg"):
+            raise ValueError(f"pool must be 'max' or 'avg', got {self.pool!r}")
+        self.vit = ViT(**self.encoder, name="encoder")
+        if self.vit.num_cls_tokens != self.num_classes or self.vit.num_registers:
+            raise ValueError(f"WeakTr needs one class token per class ({self.num_classes}) and no registers; "
+                             f"the encoder has {self.vit.num_cls_tokens} and {self.vit.num_registers}")
+        if self.vit.final_norm:
+            raise ValueError("WeakTr stage 1 uses the last block's raw output: set final_norm=False")
+        # WeakTr's `_init_weights` skips convolutions: the head keeps PyTorch's default init.
+        init = _torch_linear_init(9 * self.vit.width)
+        self.head = nn.Conv(self.num_classes, (3, 3), padding=1, kernel_init=init, bias_init=init)
+        if self.fusion == "aaf":
+            self.aaf = AdaptiveAttentionFusion(self.feat_reduction, self.reduction)
+
+    def __call__(self, images: Array, *, train: bool = False) -> dict[str, Array]:
+        """images (B, H, W, 3) -> {"cls_logits", "coarse_logits", ["fine_logits"]: (B, C);
+        "coarse_cam": Z (B, C, h, w); "fused_cam": M = CA * ReLU(Z) (B, C, h, w);
+        "patch_attention": PA (B, P, P)}."""
+        vit, num_classes = self.vit, self.num_classes
+        grid = vit.check_images(images)
+        x = vit.embed(images, train=train)
+        batch, heads, depth = x.shape[0], vit.num_heads, vit.depth
+        inputs, pooled = [], []
+        for block in vit.blocks:
+            inputs.append(x)
+            x, aux = block(x, None, not train, False)
+            if self.fusion == "aaf":
+                # Channel c of the projected attention output goes to pseudo-head c % H (the head index
+                # runs fastest), exactly as WeakTr reshapes it; those channels mix every real head.
+                features = jax.lax.stop_gradient(aux["attn_out"]).reshape(batch, x.shape[1], -1, heads)
+                pooled.append(features.max(1) if self.pool == "max" else features.mean(1))  # (B, d, H)
+        tokens_cls, tokens_patch = x[:, :num_classes], x[:, num_classes:]
+        coarse = self.head(tokens_patch.reshape(batch, *grid, -1))  # (B, h, w, C)
+        coarse_cam = jnp.moveaxis(coarse, -1, 1)
+        outputs = {"cls_logits": tokens_cls.mean(-1), "coarse_logits": coarse.mean((1, 2)),
+                   "coarse_cam": coarse_cam}
+
+        if self.fusion == "aaf":
+            # Map index l = h * K + k (head-major), as WeakTr flattens (B, H, K) maps.
+            features = jnp.stack(pooled, axis=1)  # (B, K, d, H)
+            features = jnp.transpose(features, (0, 3, 1, 2)).reshape(batch, heads * depth, -1)
+            weights = self.aaf(features).reshape(batch, heads, depth)
+            fused = sum(_fused_layer_attention_remat(vit, k, inputs[k], weights[:, :, k])
+                        for k in range(depth)) / (heads * depth)
+            cross, patch = fused, fused
+        else:
+            uniform = jnp.full((batch, heads), 1.0 / heads, x.dtype)
+            per_layer = [_fused_layer_attention(vit, k, inputs[k], uniform) for k in range(depth)]
+            cross = sum(per_layer[depth - self.mctformer_layers:])
+            patch = sum(per_layer)
+        cross_attention = cross[:, :num_classes, num_classes:].reshape(batch, num_classes, *grid)
+        fused_cam = cross_attention * nn.relu(jax.lax.stop_gradient(coarse_cam))
+        patch_attention = patch[:, num_classes:, num_classes:]
+        outputs.update(fused_cam=fused_cam, patch_attention=patch_attention)
+        if self.fusion == "aaf":
+            fine = jnp.einsum("bij,bcj->bci", patch_attention, fused_cam.reshape(batch, num_classes, -1))
+            outputs["fine_logits"] = fine.mean(-1)
+        return outputs
