@@ -14,8 +14,9 @@ layers (CA) and over all layers (PA), and has no fine prediction.
 
 Memory: keeping K x H maps of (C + P)^2 entries per image is the cost of a naive port. Here each layer's
 attention output is pooled as soon as it exists, and the weighted sum of the maps is accumulated layer
-by layer from the block inputs (the maps are recomputed, also in the backward pass), so at most one
-layer's maps exist at a time.
+by layer from the block inputs, with the maps recomputed (under remat) rather than kept for the backward
+pass. Whether that bounds the peak to one layer's maps is up to XLA's scheduler: `tools/benchmark_weaktr.py`
+measures it (see benchmarks/weaktr_cpu.md: on XLA CPU it does not yet).
 """
 from __future__ import annotations
 
