@@ -24,7 +24,7 @@ def test_benchmark_scripts_run(script, args, expected):
 
 def test_weaktr_benchmark_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_weaktr.py"), "--variant", "Ti/16",
-                           "--depth", "1", "--classes", "3", "--image-sizes", "32", "--batch", "1",
+                           "--depth", "3", "--classes", "3", "--image-sizes", "32", "--batch", "1",
                            "--steps", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 32 | 7 |" in proc.stdout

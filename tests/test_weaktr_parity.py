@@ -216,5 +216,7 @@ def test_bad_configurations_are_named():
         WeakTr(encoder=encoder, num_classes=4).init(jax.random.key(0), images)
     with pytest.raises(ValueError, match="final_norm=False"):
         WeakTr(encoder=dict(encoder, final_norm=True), num_classes=3).init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="AAF reductions too large"):
+        WeakTr(encoder=encoder, num_classes=3, reduction=8).init(jax.random.key(0), images)
     with pytest.raises(ValueError, match="fusion must be one of"):
         WeakTr(encoder=encoder, num_classes=3, fusion="mean").init(jax.random.key(0), images)

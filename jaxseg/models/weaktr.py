@@ -55,6 +55,9 @@ class AdaptiveAttentionFusion(nn.Module):
         e = _linear(hidden, dim, "feat_fc1")(pooled)
         e = _linear(1, hidden, "feat_fc2")(e)[..., 0]
         squeeze = num_maps // self.reduction
+        if squeeze < 1 or hidden < 1:
+            raise ValueError(f"AAF reductions too large: {num_maps} maps / reduction {self.reduction} and "
+                             f"{dim} channels / feat_reduction {self.feat_reduction} must both be >= 1")
         h = nn.relu(_linear(squeeze, num_maps, "head_fc1", use_bias=False)(e))
         return nn.sigmoid(_linear(num_maps, squeeze, "head_fc2", use_bias=False)(h))
 
