@@ -197,17 +197,45 @@ def to_timm(params: Mapping, config: Mapping[str, Any]) -> dict[str, jax.Array]:
     return flat
 
 
+def _norm(sd, prefix):
+    return {"scale": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}
+
+
+def _linear(sd, prefix):
+    return {"kernel": sd[f"{prefix}.weight"].T, "bias": sd[f"{prefix}.bias"]}
+
+
+def block_from_timm(sd: Mapping[str, np.ndarray], prefix: str, num_heads: int, *,
+                    mlp_type: str = "gelu", layerscale: bool = False) -> dict:
+    """Params of one jaxseg `Block` from the timm-layout block entries under `prefix` (e.g. "blocks.3.");
+    also fits other timm-style blocks (Segmenter's decoder). qkv bias is taken when present."""
+    width = sd[prefix + "attn.proj.weight"].shape[0]
+    head_dim = width // num_heads
+    qkv_weight = sd[prefix + "attn.qkv.weight"].reshape(3, num_heads, head_dim, width)
+    attn = {n: {"kernel": qkv_weight[j].transpose(2, 0, 1)} for j, n in enumerate(("query", "key", "value"))}
+    if prefix + "attn.qkv.bias" in sd:
+        qkv_bias = sd[prefix + "attn.qkv.bias"].reshape(3, num_heads, head_dim)
+        for j, n in enumerate(("query", "key", "value")):
+            attn[n]["bias"] = qkv_bias[j]
+    attn["out"] = {"kernel": sd[prefix + "attn.proj.weight"].T.reshape(num_heads, head_dim, width),
+                   "bias": sd[prefix + "attn.proj.bias"]}
+    if mlp_type == "swiglu":
+        gate, up = np.split(sd[prefix + "mlp.fc1.weight"], 2, axis=0)
+        gate_bias, up_bias = np.split(sd[prefix + "mlp.fc1.bias"], 2)
+        mlp = {"fc1_gate": {"kernel": gate.T, "bias": gate_bias}, "fc1_up": {"kernel": up.T, "bias": up_bias}}
+    else:
+        mlp = {"fc1": _linear(sd, prefix + "mlp.fc1")}
+    mlp["fc2"] = _linear(sd, prefix + "mlp.fc2")
+    block = {"norm1": _norm(sd, prefix + "norm1"), "norm2": _norm(sd, prefix + "norm2"), "attn": attn,
+             "mlp": mlp}
+    if layerscale:
+        block["ls1"] = {"gamma": sd[prefix + "ls1.gamma"]}
+        block["ls2"] = {"gamma": sd[prefix + "ls2.gamma"]}
+    return block
+
+
 def _from_timm_tensors(sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict:
     """The inverse of `to_timm` for a state dict already checked against `config`."""
-    heads, width = config["num_heads"], config["width"]
-    head_dim = width // heads
-
-    def norm(prefix):
-        return {"scale": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}
-
-    def linear(prefix):
-        return {"kernel": sd[f"{prefix}.weight"].T, "bias": sd[f"{prefix}.bias"]}
-
     params = {"patch_embed": {"kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
                               "bias": sd["patch_embed.proj.bias"]},
               "pos_embed": sd["pos_embed"]}
@@ -215,31 +243,11 @@ def _from_timm_tensors(sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) 
         if name in sd:
             params[name] = sd[name]
     if config["final_norm"]:
-        params["norm"] = norm("norm")
+        params["norm"] = _norm(sd, "norm")
     for i in range(config["depth"]):
-        p = f"blocks.{i}."
-        qkv_weight = sd[p + "attn.qkv.weight"].reshape(3, heads, head_dim, width)
-        attn = {n: {"kernel": qkv_weight[j].transpose(2, 0, 1)}
-                for j, n in enumerate(("query", "key", "value"))}
-        if config["qkv_bias"]:
-            qkv_bias = sd[p + "attn.qkv.bias"].reshape(3, heads, head_dim)
-            for j, n in enumerate(("query", "key", "value")):
-                attn[n]["bias"] = qkv_bias[j]
-        attn["out"] = {"kernel": sd[p + "attn.proj.weight"].T.reshape(heads, head_dim, width),
-                       "bias": sd[p + "attn.proj.bias"]}
-        if config["mlp_type"] == "swiglu":
-            gate, up = np.split(sd[p + "mlp.fc1.weight"], 2, axis=0)
-            gate_bias, up_bias = np.split(sd[p + "mlp.fc1.bias"], 2)
-            mlp = {"fc1_gate": {"kernel": gate.T, "bias": gate_bias},
-                   "fc1_up": {"kernel": up.T, "bias": up_bias}}
-        else:
-            mlp = {"fc1": linear(p + "mlp.fc1")}
-        mlp["fc2"] = linear(p + "mlp.fc2")
-        block = {"norm1": norm(p + "norm1"), "norm2": norm(p + "norm2"), "attn": attn, "mlp": mlp}
-        if config["layerscale_init"] is not None:
-            block["ls1"] = {"gamma": sd[p + "ls1.gamma"]}
-            block["ls2"] = {"gamma": sd[p + "ls2.gamma"]}
-        params[f"blocks_{i}"] = block
+        params[f"blocks_{i}"] = block_from_timm(sd, f"blocks.{i}.", config["num_heads"],
+                                                mlp_type=config["mlp_type"],
+                                                layerscale=config["layerscale_init"] is not None)
     return params
 
 

@@ -1,0 +1,112 @@
+"""Segmenter (WeakTr stage 2) against a PyTorch reference of the official `Segmenter` / `MultiSegmenter`
+forward with its `MaskTransformer` / `MultiMaskTransformer` decoder, written here from
+hustvl/WeakTr `OnlineRetraining/segm/model/{segmenter,decoder}.py` on timm blocks (Segmenter's blocks
+are timm's with torch-default LayerNorm eps). Random weights, CPU, float32, tolerance 1e-5."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from jaxseg.convert import from_timm
+from jaxseg.convert.timm import block_from_timm
+from jaxseg.models.segmenter import Segmenter, combine_readouts
+from timm_reference import random_timm_vit, rel_err
+
+N_CLS, WIDTH, HEADS = 6, 64, 4
+ENCODER = ("vit_small_patch16_224", dict(depth=2, embed_dim=WIDTH, num_heads=HEADS, img_size=32,
+                                         patch_size=8, dynamic_img_size=True))
+
+
+class TorchMultiMaskTransformer(nn.Module):
+    def __init__(self, depth=2):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(WIDTH, HEADS, mlp_ratio=4, qkv_bias=True, norm_layer=nn.LayerNorm)
+                                     for _ in range(depth)])
+        self.cls_emb = nn.Parameter(torch.randn(1, N_CLS, WIDTH))
+        self.proj_dec = nn.Linear(WIDTH, WIDTH)
+        self.proj_patch = nn.Parameter(torch.randn(WIDTH, WIDTH) * WIDTH ** -0.5)
+        self.proj_classes = nn.Parameter(torch.randn(WIDTH, WIDTH) * WIDTH ** -0.5)
+        self.decoder_norm = nn.LayerNorm(WIDTH)
+        self.mask_norm = nn.LayerNorm(N_CLS)
+
+    def cls_forward(self, x, rows):
+        x = self.decoder_norm(x)
+        patches, cls_seg_feat = x[:, :-N_CLS] @ self.proj_patch, x[:, -N_CLS:] @ self.proj_classes
+        patches = patches / patches.norm(dim=-1, keepdim=True)
+        cls_seg_feat = cls_seg_feat / cls_seg_feat.norm(dim=-1, keepdim=True)
+        masks = self.mask_norm(patches @ cls_seg_feat.transpose(1, 2))
+        return masks.transpose(1, 2).reshape(masks.shape[0], N_CLS, rows, -1)
+
+    def forward(self, x, rows):
+        x = torch.cat((self.proj_dec(x), self.cls_emb.expand(x.size(0), -1, -1)), 1)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.cls_forward(x, rows), self.cls_forward(self.blocks[-1](x), rows)
+
+
+def torch_multi_segmenter(encoder, decoder, im):
+    """MultiSegmenter.forward: pad bottom/right to the patch size, encode (final norm), drop the class
+    token, decode, upsample bilinearly, crop."""
+    height, width = im.shape[2:]
+    im = nn.functional.pad(im, (0, -width % 8, 0, -height % 8))
+    tokens = encoder.forward_features(im)[:, 1:]
+    outs = []
+    for masks in decoder(tokens, im.shape[2] // 8):
+        masks = nn.functional.interpolate(masks, size=im.shape[2:], mode="bilinear")
+        outs.append(masks[:, :, :height, :width])
+    return outs
+
+
+@pytest.fixture(scope="module")
+def models():
+    encoder = random_timm_vit(*ENCODER)
+    torch.manual_seed(1)
+    decoder = TorchMultiMaskTransformer().eval()
+    with torch.no_grad():
+        for name, param in decoder.named_parameters():  # LayerNorm scales around 1, the rest around 0
+            param.copy_(torch.randn_like(param) * 0.3 + float(name.endswith("weight") and param.ndim == 1))
+    encoder_config, encoder_params = from_timm(encoder.state_dict(), num_heads=HEADS)
+    sd = {k: v.detach().numpy() for k, v in decoder.state_dict().items()}
+    params = {"encoder": encoder_params,
+              "proj_dec": {"kernel": sd["proj_dec.weight"].T, "bias": sd["proj_dec.bias"]},
+              "cls_emb": sd["cls_emb"], "proj_patch": sd["proj_patch"], "proj_classes": sd["proj_classes"],
+              "decoder_norm": {"scale": sd["decoder_norm.weight"], "bias": sd["decoder_norm.bias"]},
+              "mask_norm": {"scale": sd["mask_norm.weight"], "bias": sd["mask_norm.bias"]}}
+    for i in range(2):
+        params[f"blocks_{i}"] = block_from_timm(sd, f"blocks.{i}.", HEADS)
+    model = Segmenter(encoder=encoder_config, num_classes=N_CLS, decoder_heads=HEADS, decoder_mlp_dim=4 * WIDTH)
+    return encoder, decoder, model, params
+
+
+@pytest.mark.parametrize("size", [(32, 32), (37, 50)])  # (37, 50) is padded to (40, 56), then cropped
+def test_readouts_match_reference(models, size):
+    encoder, decoder, model, params = models
+    images = np.random.default_rng(2).standard_normal((2, *size, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch_multi_segmenter(encoder, decoder, torch.from_numpy(images).permute(0, 3, 1, 2))
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+    assert logits.shape == (2, 2, *size, N_CLS)
+    errors = [rel_err(logits[i], expected[i].permute(0, 2, 3, 1).numpy()) for i in range(2)]
+    print(size, errors)
+    assert max(errors) <= 1e-5
+    # WeakTr's inference score: 0.8 * softmax(read-out 1) + softmax(read-out 2).
+    score = 0.8 * torch.softmax(expected[0], 1) + torch.softmax(expected[1], 1)
+    assert rel_err(combine_readouts(logits), score.permute(0, 2, 3, 1).numpy()) <= 1e-5
+
+
+def test_linear_decoder_and_bad_configs():
+    encoder_config = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, posemb_grid=(2, 2))
+    model = Segmenter(encoder=encoder_config, num_classes=3, decoder="linear")
+    images = jnp.zeros((1, 20, 16, 3))
+    variables = model.init(jax.random.key(0), images)
+    assert model.apply(variables, images).shape == (1, 1, 20, 16, 3)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        Segmenter(encoder=encoder_config, num_classes=3, decoder="mlp").init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="final_norm=True"):
+        Segmenter(encoder=dict(encoder_config, final_norm=False), num_classes=3).init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="2 weights for 1 read-outs"):
+        combine_readouts(model.apply(variables, images))
