@@ -52,3 +52,32 @@ def test_eomt_score_function_on_one_window():
     expected = semantic_scores(class_logits[0], resize(mask_logits[0], (32, 32), axes=(-2, -1)))
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     assert scores.shape == (4, 32, 32)
+
+
+def test_strided_anchors_follow_segmenter():
+    from jaxseg.inference.semantic import strided_anchors
+    assert strided_anchors(480, 480, 320) == [0]
+    assert strided_anchors(520, 480, 320) == [0, 40]
+    assert strided_anchors(1000, 480, 320) == [0, 320, 520]
+
+
+@pytest.mark.parametrize("base,size", [(40, (40, 60)), (20, (30, 20))])
+def test_multiscale_flip_probs_with_a_pointwise_score(base, size):
+    """With per-pixel logits (the pixels themselves), windowing and flipping must vanish: the result is
+    the softmax of the image resized to the scale and back, averaged over the two ratios."""
+    from jaxseg.inference.semantic import multiscale_flip_probs
+    image = np.random.default_rng(3).random((*size, 3), dtype=np.float32) * 4
+    probs = multiscale_flip_probs(_pixels_as_scores, image, ratios=(1.0, 1.5), base_short_side=base,
+                                  window=32, stride=16)
+    expected = 0
+    for ratio in (1.0, 1.5):
+        short = ratio * base
+        scaled_size = (round(short * size[0] / min(size)), round(short * size[1] / min(size)))
+        scaled = resize(image, scaled_size, method="bilinear", antialias=True, axes=(0, 1))
+        if min(scaled_size) < 32:
+            scaled_size = ((32, int(scaled_size[1] / scaled_size[0] * 32)) if scaled_size[0] < scaled_size[1]
+                           else (int(scaled_size[0] / scaled_size[1] * 32), 32))
+            scaled = resize(scaled, scaled_size, method="bilinear", axes=(0, 1))
+        back = resize(jnp.moveaxis(scaled, -1, 0), size, method="bilinear", axes=(1, 2))
+        expected = expected + jax.nn.softmax(back, axis=0)
+    np.testing.assert_allclose(probs, expected / 2, rtol=1e-5, atol=1e-6)
