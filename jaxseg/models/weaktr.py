@@ -13,10 +13,9 @@ trains only the AAF. MCTformer mode ("mctformer") replaces AAF by the head mean 
 layers (CA) and over all layers (PA), and has no fine prediction.
 
 Memory: keeping K x H maps of (C + P)^2 entries per image is the cost of a naive port. Here each layer's
-attention output is pooled as soon as it exists, and the weighted sum of the maps is accumulated layer
-by layer from the block inputs, with the maps recomputed (under remat) rather than kept for the backward
-pass. Whether that bounds the peak to one layer's maps is up to XLA's scheduler: `tools/benchmark_weaktr.py`
-measures it (see benchmarks/weaktr_cpu.md: on XLA CPU it does not yet).
+attention output is pooled as soon as it exists, and the weighted sum of the maps is a scan over the
+layers with a rematerialised body: the maps are recomputed from the stored block inputs, one layer at a
+time, in the forward and the backward pass (`tools/benchmark_weaktr.py` measures the saving).
 """
 from __future__ import annotations
 
@@ -63,14 +62,31 @@ class AdaptiveAttentionFusion(nn.Module):
 
 
 def _fused_layer_attention(vit: ViT, layer: int, inputs: Array, weights: Array) -> Array:
-    """sum_h weights[:, h] * A_layer[:, h] for a block input: (B, T, T). The maps are inputs to the
-    fusion only (stop-gradient), as in WeakTr; only `weights` receives gradients."""
+    """sum_h weights[:, h] * A_layer[:, h] for a block input: (B, T, T), without gradients to the maps."""
     probs = jax.lax.stop_gradient(vit.blocks[layer].attention_probs(jax.lax.stop_gradient(inputs)))
     return jnp.einsum("bh,bhij->bij", weights, probs)
 
 
-# Recomputed in the backward pass instead of keeping every layer's maps alive until then.
-_fused_layer_attention_remat = nn.remat(_fused_layer_attention, static_argnums=(1,))
+def _fused_attention(vit: ViT, inputs: list[Array], weights: Array) -> Array:
+    """sum_{k, h} weights[:, h, k] * A_k[:, h] over all layers: (B, T, T). A scan over the layers with a
+    rematerialised body keeps one layer's maps at a time in both passes (the maps are recomputed from the
+    stored block inputs; only `weights` receives gradients, as in WeakTr)."""
+    attention = jax.tree_util.tree_map(
+        lambda *leaves: jax.lax.stop_gradient(jnp.stack(leaves)),
+        *[{name: block.variables["params"][name] for name in ("norm1", "attn")} for block in vit.blocks])
+    block = vit.blocks[0].clone(parent=None)
+
+    @jax.checkpoint
+    def add_layer(fused, layer):
+        layer_input, layer_weights, params = layer
+        probs = block.apply({"params": params}, layer_input, method=block.attention_probs)
+        return fused + jnp.einsum("bh,bhij->bij", layer_weights, probs), None
+
+    stacked = jax.lax.stop_gradient(jnp.stack(inputs))
+    batch, tokens = stacked.shape[1:3]
+    fused, _ = jax.lax.scan(add_layer, jnp.zeros((batch, tokens, tokens), jnp.float32),
+                            (stacked, jnp.moveaxis(weights, 2, 0), attention))
+    return fused
 
 
 class WeakTr(nn.Module):
@@ -138,8 +154,7 @@ class WeakTr(nn.Module):
             features = jnp.stack(pooled, axis=1)  # (B, K, d, H)
             features = jnp.transpose(features, (0, 3, 1, 2)).reshape(batch, heads * depth, -1)
             weights = self.aaf(features).reshape(batch, heads, depth)
-            fused = sum(_fused_layer_attention_remat(vit, k, inputs[k], weights[:, :, k])
-                        for k in range(depth)) / (heads * depth)
+            fused = _fused_attention(vit, inputs, weights) / (heads * depth)
             cross, patch = fused, fused
         else:
             uniform = jnp.full((batch, heads), 1.0 / heads, x.dtype)
