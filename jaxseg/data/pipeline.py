@@ -1,0 +1,76 @@
+"""grain input pipelines and global batches.
+
+Training: source -> seed/shuffle -> repeat -> slice by host -> random_map (augmentation drawing every
+random number from the per-element generator grain derives from the seed and the element index) ->
+batch -> iterator (optionally multiprocess prefetch). The batches depend on the seed only, not on the
+number of workers, and the iterator state (a few integers) restores the exact position.
+
+Evaluation: one pass in order; each host takes every process_count-th example, and its last batch is
+padded with copies of an example marked `_valid = False`, so that every host runs the same number of
+batches and no example is dropped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from jaxseg.train.sharding import DEFAULT_RULES, batch_sharding
+
+VALID_KEY = "_valid"
+
+
+def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in 0..{count - 1}")
+    return index, count
+
+
+def train_dataset(source: Sequence[dict], transform: Callable[[dict, np.random.Generator], dict], *,
+                  seed: int, batch_size: int, num_epochs: int | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  worker_count: int = 0) -> grain.IterDataset:
+    """Per-host training batches of `batch_size` examples (the global batch is batch_size x hosts).
+
+    `transform(example, rng)` augments one example; `num_epochs=None` repeats forever. Multiprocess
+    workers (`worker_count > 0`) need absl flags parsed in the main process (`absl.app.run`).
+    """
+    if len(source) == 0:
+        raise ValueError("the training source is empty")
+    index, count = _hosts(process_index, process_count)
+    dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+    dataset = dataset[index::count].random_map(transform).batch(batch_size, drop_remainder=True)
+    iterable = dataset.to_iter_dataset()
+    if worker_count:
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iterable
+
+
+def eval_dataset(source: Sequence[dict], transform: Callable[[dict], dict], *, batch_size: int,
+                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+    """One ordered pass over this host's share, in batches with a boolean `_valid` entry (False on the
+    padding of the last batch); every host yields ceil(ceil(n / hosts) / batch_size) batches."""
+    if len(source) == 0:
+        raise ValueError("the evaluation source is empty")
+    index, count = _hosts(process_index, process_count)
+    local = list(range(index, len(source), count))
+    num_batches = math.ceil(math.ceil(len(source) / count) / batch_size)
+
+    def load(position: int) -> dict:
+        valid = position < len(local)
+        example = transform(source[local[position] if valid else local[0] if local else 0])
+        return dict(example, **{VALID_KEY: np.bool_(valid)})
+
+    return grain.MapDataset.range(num_batches * batch_size).map(load).batch(batch_size).to_iter_dataset()
+
+
+def global_batch(local_batch: dict, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> dict:
+    """This host's batch -> `jax.Array`s of the global batch, split over the mesh's batch axes."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(x)), x),
+        local_batch)
