@@ -1,0 +1,1 @@
+"""TFDS builders of jaxseg's datasets; importing a module registers its builder with TFDS."""
