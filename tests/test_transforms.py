@@ -66,7 +66,7 @@ def test_mask_targets_from_semantic_and_panoptic():
     assert sorted(targets["labels"][:3].tolist()) == [0, 1, 2]
     for mask, label in zip(targets["masks"][:3], targets["labels"][:3]):
         np.testing.assert_array_equal(mask, example["semantic"] == label)
-    segments = [{"id": 11, "category_id": 4, "iscrowd": False}, {"id": 12, "category_id": 9, "iscrowd": True}]
+    segments = {"id": np.array([11, 12]), "category_id": np.array([4, 9]), "iscrowd": np.array([False, True])}
     targets = T.mask_targets(panoptic=example["panoptic"], segments=segments, max_segments=3)
     assert targets["valid"].tolist() == [True, False, False] and targets["labels"][0] == 4
     with pytest.raises(ValueError, match="exactly one"):
@@ -94,7 +94,19 @@ def test_bad_inputs_are_named():
 
 def test_panoptic_targets_through_the_eomt_chain():
     example = _scene()
-    segments = [{"id": 11, "category_id": 4, "iscrowd": False}, {"id": 12, "category_id": 9, "iscrowd": True}]
+    segments = {"id": np.array([11, 12]), "category_id": np.array([4, 9]), "iscrowd": np.array([False, True])}
     out = T.eomt_train_example(example, np.random.default_rng(0), (40, 40), (0.8, 1.2), color=False,
                                max_segments=3, segments=segments)
     assert out["labels"][out["valid"]].tolist() == [4]  # the crowd segment never becomes a target
+
+
+def test_a_generated_scene_through_the_eomt_chain():
+    from jaxseg.data.synthetic import SceneConfig, generate_scene
+    scene = generate_scene(SceneConfig(image_size=64), 0)
+    example = {"image": scene["image"], "semantic": scene["semantic"], "panoptic": scene["panoptic"]}
+    out = T.eomt_train_example(example, np.random.default_rng(0), (48, 48), (0.5, 1.5), color=True,
+                               max_segments=16, segments=scene["segments"])
+    assert out["image"].shape == (48, 48, 3) and out["masks"].shape == (16, 48, 48)
+    valid = out["valid"]
+    assert set(out["labels"][valid].tolist()) <= set(np.asarray(scene["segments"]["category_id"]).tolist())
+    assert not (out["masks"][valid].sum(0) > 1).any()  # segments do not overlap

@@ -11,10 +11,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="config file, optionally with ':arg'")
     parser.add_argument("--workdir", required=True, help="directory for checkpoints and logs")
     args = parser.parse_args(argv)
-    print("jaxseg: training is not yet available in this version: the trainer, the scenes dataset and "
-          "the EoMT/WeakTr methods land in later releases. Nothing was run and nothing was written to "
-          f"{args.workdir!r}. What works today: the ViT (jaxseg.models.vit) and the weight converter "
-          "(tools/convert_weights.py).")
+    print("jaxseg: training is not yet available in this version: the generic trainer and the configs "
+          "land in a later release. Nothing was run and nothing was written to "
+          f"{args.workdir!r}. What works today: the models (EoMT, WeakTr, Segmenter), their losses, "
+          "inference and metrics, the weight converters (tools/convert_weights.py) and the scenes "
+          "dataset (tools/make_dataset.py scenes --data_dir DIR).")
     return 0
 
 

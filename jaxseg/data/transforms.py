@@ -8,7 +8,6 @@ the element index, which makes augmentation independent of the number of workers
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -125,12 +124,12 @@ def color_jitter(example: dict, rng: np.random.Generator, brightness_delta: floa
 
 
 def mask_targets(semantic: np.ndarray | None = None, panoptic: np.ndarray | None = None,
-                 segments: Sequence[dict] | None = None, *, max_segments: int,
-                 ignore_index: int = 255) -> dict:
+                 segments: dict | None = None, *, max_segments: int, ignore_index: int = 255) -> dict:
     """Mask-classification targets padded to a static count: semantic labels give one mask per present
-    class; panoptic ids with a segment table ({"id", "category_id", "iscrowd"}) give one per segment,
-    crowd removed. Returns {"masks": (S, H, W) bool, "labels": (S,) int32, "valid": (S,) bool}, segments
-    beyond `max_segments` dropped (largest kept)."""
+    class; panoptic ids with a segment table (columns "id", "category_id", "iscrowd" of equal length, as
+    `jaxseg.data.synthetic` and the TFDS builders store it) give one per segment, crowd removed.
+    Returns {"masks": (S, H, W) bool, "labels": (S,) int32, "valid": (S,) bool}; segments beyond
+    `max_segments` are dropped (the largest are kept)."""
     if (semantic is None) == (panoptic is None):
         raise ValueError("give exactly one of semantic labels or panoptic ids")
     if semantic is not None:
@@ -140,9 +139,10 @@ def mask_targets(semantic: np.ndarray | None = None, panoptic: np.ndarray | None
     else:
         if segments is None:
             raise ValueError("panoptic ids need their segment table")
-        kept = [s for s in segments if not s.get("iscrowd", False)]
-        masks = [panoptic == s["id"] for s in kept]
-        labels = [s["category_id"] for s in kept]
+        ids = np.asarray(segments["id"])
+        crowd = np.asarray(segments.get("iscrowd", np.zeros(len(ids), bool)), bool)
+        masks = [panoptic == i for i in ids[~crowd]]
+        labels = np.asarray(segments["category_id"])[~crowd].tolist()
     order = np.argsort([-m.sum() for m in masks], kind="stable")[:max_segments]
     height, width = (semantic if semantic is not None else panoptic).shape
     out_masks = np.zeros((max_segments, height, width), bool)
@@ -155,7 +155,7 @@ def mask_targets(semantic: np.ndarray | None = None, panoptic: np.ndarray | None
 
 def eomt_train_example(example: dict, rng: np.random.Generator, crop_size: tuple[int, int],
                        scale_range: tuple[float, float], *, color: bool, max_segments: int,
-                       segments: Sequence[dict] | None = None, max_attempts: int = 20) -> dict:
+                       segments: dict | None = None, max_attempts: int = 20) -> dict:
     """EoMT's training augmentation (spec order: crowd dropped, colour jitter, flip, scale jitter, pad,
     random crop, empty masks dropped, the whole transform redone from the original while no mask
     remains) -> {"image", "masks", "labels", "valid"} with static shapes. Targets come from the
