@@ -1,0 +1,109 @@
+"""optax recipes: AdamW with per-parameter learning-rate multipliers (layer-wise decay, regex groups)
+and per-group schedules, as the EoMT and WeakTr recipes need.
+
+The update of a parameter p in group g is torch AdamW's: p <- p - lr_g(t) * m_p * (adam(p) + wd * p),
+with lr_g the group's schedule and m_p its multiplier. Frozen phases are schedules at 0: the Adam moments
+keep accumulating (as EoMT's frozen-backbone warm-up does), only the step is zero.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def warmup_poly(base_lr: float, total_steps: int, warmup_steps: int, *, frozen_steps: int = 0,
+                power: float = 0.9) -> Schedule:
+    """0 for `frozen_steps`, a linear warm-up 0 -> base_lr over the next `warmup_steps`, then
+    base_lr * (1 - (t - s) / (T - s))^power with s = frozen + warm-up (EoMT's TwoStageWarmupPolySchedule:
+    heads use (0, 500), the backbone (500, 1000))."""
+    start = frozen_steps + warmup_steps
+    if total_steps <= start:
+        raise ValueError(f"total_steps {total_steps} must exceed the frozen + warm-up steps {start}")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = base_lr * (step - frozen_steps) / max(warmup_steps, 1)
+        decay = base_lr * jnp.maximum(1.0 - (step - start) / (total_steps - start), 0.0) ** power
+        return jnp.where(step < frozen_steps, 0.0, jnp.where(step < start, warm, decay))
+    return schedule
+
+
+def path_names(params) -> dict:
+    """A tree like `params` holding each leaf's "a/b/c" name."""
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    return flax.traverse_util.unflatten_dict({k: k for k in flat}, sep="/")
+
+
+def layer_decay(params, depth: int, decay: float, encoder: str = "encoder") -> dict:
+    """Layer-wise lr multipliers of a jaxseg ViT under `encoder`: block j gets decay^(depth-1-j); the
+    embedding (patch, position, class and register tokens) block 0's factor; the final norm and everything
+    outside the encoder 1 (EoMT's LLRD)."""
+    def multiplier(name: str) -> float:
+        if not name.startswith(encoder + "/"):
+            return 1.0
+        block = re.match(rf"{re.escape(encoder)}/blocks_(\d+)/", name)
+        if block:
+            return decay ** (depth - 1 - int(block.group(1)))
+        if re.match(rf"{re.escape(encoder)}/(patch_embed|pos_embed|cls_token|reg_token)", name):
+            return decay ** (depth - 1)
+        return 1.0
+    return jax.tree_util.tree_map(multiplier, path_names(params))
+
+
+def regex_labels(params, rules: Sequence[tuple[str, str]], default: str) -> dict:
+    """Group label of each parameter: the first (regex, label) whose regex matches its name."""
+    def label(name):
+        return next((group for pattern, group in rules if re.search(pattern, name)), default)
+    return jax.tree_util.tree_map(label, path_names(params))
+
+
+def scale_by_group_schedule(labels, multipliers, schedules: Mapping[str, Schedule]
+                            ) -> optax.GradientTransformation:
+    """update <- -schedules[label](step) * multiplier * update, per parameter."""
+    missing = set(jax.tree_util.tree_leaves(labels)) - set(schedules)
+    if missing:
+        raise ValueError(f"no schedule for parameter group(s) {sorted(missing)}")
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        rates = {group: fn(state.count) for group, fn in schedules.items()}
+        updates = jax.tree_util.tree_map(lambda u, g, m: -rates[g] * m * u, updates, labels, multipliers)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def adamw_groups(labels, multipliers, schedules: Mapping[str, Schedule], *, weight_decay: float,
+                 clip_norm: float | None = None, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                 mu_dtype=None) -> optax.GradientTransformation:
+    """torch-AdamW with global-norm clipping, per-group schedules and per-parameter multipliers; weight
+    decay on every parameter (as EoMT and WeakTr do)."""
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        optax.add_decayed_weights(weight_decay),
+        scale_by_group_schedule(labels, multipliers, schedules))
+
+
+def eomt_optimizer(params, *, total_steps: int, depth: int, lr: float = 1e-4, weight_decay: float = 0.05,
+                   layer_decay_rate: float = 0.8, warmup: tuple[int, int] = (500, 1000),
+                   clip_norm: float = 0.01, power: float = 0.9) -> optax.GradientTransformation:
+    """EoMT's recipe: AdamW (lr 1e-4, wd 0.05 on all parameters), LLRD 0.8 over the encoder, heads warm
+    up over warmup[0] steps, the encoder stays frozen (lr 0, moments accumulating) for warmup[0] steps and
+    warms up over warmup[1], then poly decay; gradients clipped to global norm 0.01."""
+    labels = regex_labels(params, [(r"^encoder/", "backbone")], "head")
+    schedules = {"head": warmup_poly(lr, total_steps, warmup[0], power=power),
+                 "backbone": warmup_poly(lr, total_steps, warmup[1], frozen_steps=warmup[0], power=power)}
+    return adamw_groups(labels, layer_decay(params, depth, layer_decay_rate), schedules,
+                        weight_decay=weight_decay, clip_norm=clip_norm)
