@@ -28,3 +28,44 @@ def test_weaktr_benchmark_runs():
                            "--steps", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 32 | 7 |" in proc.stdout
+
+
+def test_make_pseudo_labels_end_to_end(tmp_path):
+    """A (random) WeakTr checkpoint + a tiny scenes build -> palette PNGs and a threshold-sweep report."""
+    import json
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from PIL import Image
+
+    from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
+    from jaxseg.models.weaktr import WeakTr
+    from jaxseg.train.checkpoint import Checkpointer
+
+    config = scenes_config(image_size=32, num_train=3, num_val=1)
+    JaxsegScenes(config=config, data_dir=tmp_path / "data", num_workers=1).download_and_prepare(
+        file_format="array_record")
+    num_things = 6  # the default scenes have 6 thing classes; stuff is background
+    model_config = {"encoder": dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+                                    posemb_grid=[4, 4], num_cls_tokens=num_things, final_norm=False,
+                                    posemb_resize="dino"),
+                    "num_classes": num_things, "reduction": 2}
+    (tmp_path / "model.json").write_text(json.dumps(model_config))
+    model = WeakTr(**dict(model_config, encoder=dict(model_config["encoder"], posemb_grid=(4, 4))))
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+    checkpointer = Checkpointer(tmp_path / "run")
+    checkpointer.save(10, {"params": params})
+    checkpointer.close()
+    command = [sys.executable, str(ROOT / "tools" / "make_pseudo_labels.py"), "--checkpoint",
+               str(tmp_path / "run"), "--model_config", str(tmp_path / "model.json"), "--data_dir",
+               str(tmp_path / "data"), "--dataset", f"jaxseg_scenes/{config.name}", "--out_dir",
+               str(tmp_path / "out"), "--num_foreground", str(num_things), "--sweep", "0.3", "0.5"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(pngs) == 3 and Image.open(pngs[0]).mode == "P" and Image.open(pngs[0]).size == (32, 32)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["thresholds"] == [0.3, 0.5] and len(report["miou"]) == 2
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 1 and "not empty" in again.stderr  # never overwrites silently

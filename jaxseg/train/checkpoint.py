@@ -13,6 +13,7 @@ import pathlib
 from typing import Any
 
 import flax
+import flax.linen
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -90,6 +91,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
     written by `Checkpointer`, checked name by name against `abstract_params`; other state (optimizer,
     data iterator) is not read."""
     path = pathlib.Path(path).absolute()
+    abstract_params = flax.linen.unbox(abstract_params)  # logical-axis boxes are metadata, not stored
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     manager = ocp.CheckpointManager(checkpoints, item_names=("state",),
                                     item_handlers={"state": ocp.PyTreeCheckpointHandler()})

@@ -1,0 +1,118 @@
+"""Writes WSSS pseudo-labels (palette PNGs) from a WeakTr / MCTformer checkpoint and a TFDS dataset, and a
+report of CAM mIoU over a background-threshold sweep where ground truth exists.
+
+    python tools/make_pseudo_labels.py --checkpoint RUN_DIR --model_config weaktr.json \\
+        --data_dir DIR --dataset jaxseg_scenes/default --split train --out_dir OUT --num_foreground 8
+
+The checkpoint is a `jaxseg.train.checkpoint.Checkpointer` run directory whose state holds "params";
+`--model_config` is a JSON file of `WeakTr` keyword arguments. The first `--num_foreground` categories of
+the dataset are the foreground classes (labels c -> c + 1); every other category is background (0).
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxseg.models.weaktr import WeakTr
+from jaxseg.train.checkpoint import restore_params
+from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, threshold_sweep
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved RGB per label), 256 entries."""
+    palette = []
+    for label in range(256):
+        r = g = b = 0
+        for shift in range(8):
+            r |= ((label >> 0) & 1) << (7 - shift)
+            g |= ((label >> 1) & 1) << (7 - shift)
+            b |= ((label >> 2) & 1) << (7 - shift)
+            label >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def wsss_ground_truth(semantic: np.ndarray, num_foreground: int) -> np.ndarray:
+    """Category ids -> WSSS labels: foreground c -> c + 1, other categories -> 0, 255 kept."""
+    semantic = semantic.astype(np.int64)
+    return np.where(semantic == 255, 255, np.where(semantic < num_foreground, semantic + 1, 0))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--model_config", required=True, help="JSON file of WeakTr keyword arguments")
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--dataset", default="jaxseg_scenes/default")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--num_foreground", type=int, required=True)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.2])
+    parser.add_argument("--threshold", type=float, default=0.43, help="background threshold of the PNGs")
+    parser.add_argument("--sweep", type=float, nargs="+", default=[round(0.05 * i, 2) for i in range(2, 15)])
+    parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+
+    import tensorflow_datasets as tfds
+
+    out_dir = pathlib.Path(args.out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        print(f"error: {out_dir} is not empty; pass --overwrite to write into it", file=sys.stderr)
+        return 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_config = json.loads(pathlib.Path(args.model_config).read_text())
+    model_config["encoder"]["posemb_grid"] = tuple(model_config["encoder"]["posemb_grid"])
+    model = WeakTr(**model_config)
+    if model.num_classes != args.num_foreground:
+        print(f"error: the model has {model.num_classes} classes, --num_foreground is {args.num_foreground}",
+              file=sys.stderr)
+        return 1
+    grid, patch = model_config["encoder"]["posemb_grid"], model_config["encoder"]["patch_size"]
+    example_input = jnp.zeros((1, grid[0] * patch, grid[1] * patch, 3))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), example_input))["params"]
+    params = restore_params(args.checkpoint, abstract)
+    source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
+
+    @jax.jit
+    def cam_fn(views):
+        out = model.apply({"params": params}, views)
+        return out["fused_cam"], out["patch_attention"]
+
+    palette = voc_palette()
+    count = min(len(source), args.limit or len(source))
+    cams, labels, truths = [], [], []
+    start = time.perf_counter()
+    for i in range(count):
+        example = source[i]
+        image = (example["image"].astype(np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+        present = np.asarray(example["labels"][:args.num_foreground], np.float32)
+        normalized = normalize_cams(multiscale_cams(cam_fn, image, present, patch, args.scales), present)
+        label_map = np.asarray(pseudo_label(normalized, present, args.threshold), np.uint8)
+        png = Image.fromarray(label_map, mode="P")
+        png.putpalette(palette)
+        png.save(out_dir / f"{int(example.get('image_id', i))}.png")
+        if "semantic" in example:
+            cams.append(np.asarray(normalized))
+            labels.append(present)
+            truths.append(wsss_ground_truth(np.asarray(example["semantic"])[..., 0], args.num_foreground))
+    report = {"examples": count, "seconds": time.perf_counter() - start, "threshold": args.threshold}
+    if cams:
+        report.update(threshold_sweep(cams, labels, truths, args.sweep))
+        report["per_class_iou"] = [None if np.isnan(v) else float(v) for v in report["per_class_iou"]]
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "per_class_iou"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
