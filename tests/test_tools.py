@@ -69,3 +69,30 @@ def test_make_pseudo_labels_end_to_end(tmp_path):
     assert report["thresholds"] == [0.3, 0.5] and len(report["miou"]) == 2
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 1 and "not empty" in again.stderr  # never overwrites silently
+
+
+def test_train_tool_runs_the_scenes_config_and_resumes(tmp_path):
+    """The README's main job, shortened: builds the scenes into the workdir, trains, evaluates, and a
+    rerun resumes from the checkpoint instead of starting over."""
+    import json
+
+    command = [sys.executable, str(ROOT / "tools" / "train.py"), "--config",
+               str(ROOT / "configs" / "eomt" / "scenes.py") + ":runlocal", "--workdir", str(tmp_path / "run"),
+               "--set", "total_steps=8", "--set", "warmup=(2, 2)", "--set", "log_every=4",
+               "--set", "dataset.num_train=32", "--set", "dataset.num_val=4"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.0 <= result["mean_iou"] <= 1.0 and result["examples"] == 4
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged  # nothing retrained
+
+    typo = subprocess.run(command[:6] + ["--set", "total_step=5"], capture_output=True, text=True, cwd=ROOT)
+    assert typo.returncode == 1 and "unknown config key 'total_step'" in typo.stderr
+    assert "'total_steps'" in typo.stderr  # the valid keys are listed
+    (tmp_path / "file").write_text("x")
+    bad_dir = subprocess.run(command[:4] + ["--workdir", str(tmp_path / "file")], capture_output=True,
+                             text=True, cwd=ROOT)
+    assert bad_dir.returncode == 1 and "is not a directory" in bad_dir.stderr

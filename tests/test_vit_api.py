@@ -117,16 +117,6 @@ print("ok")
     assert proc.stdout.strip().endswith("ok")
 
 
-def test_train_tool_exists_and_says_it_is_not_available_yet(tmp_path):
-    workdir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), "--config",
-                           "configs/eomt/scenes.py:runlocal", "--workdir", str(workdir)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "not yet available" in proc.stdout
-    assert not workdir.exists()
-
-
 def test_a_parent_module_can_drive_embed_blocks_and_norm(tiny):
     """EoMT and WeakTr run the ViT piece by piece from their own modules (masks built between blocks);
     the pieces compose to exactly the ViT's own forward pass, with the ViT's parameter names."""

@@ -1,21 +1,35 @@
-"""Trains a model from an ml_collections config.
+"""Trains and evaluates a model from an ml_collections config file.
 
     python tools/train.py --config configs/eomt/scenes.py:runlocal --workdir /tmp/jaxseg-scenes
+
+The workdir holds the checkpoints (a rerun resumes from the latest), metrics.jsonl, eval.json and, for
+the generated-scenes configs, the dataset build (unless config.dataset.data_dir names another place).
+Override config values with --set key=value (e.g. --set total_steps=50).
 """
 import argparse
+import json
+import logging
 import sys
+
+from jaxseg.train.run import apply_overrides, load_config, train_and_evaluate
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", required=True, help="config file, optionally with ':arg'")
-    parser.add_argument("--workdir", required=True, help="directory for checkpoints and logs")
+    parser.add_argument("--workdir", required=True, help="directory for checkpoints, logs and results")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (repeatable)")
     args = parser.parse_args(argv)
-    print("jaxseg: training is not yet available in this version: the generic trainer and the configs "
-          "land in a later release. Nothing was run and nothing was written to "
-          f"{args.workdir!r}. What works today: the models (EoMT, WeakTr, Segmenter), their losses, "
-          "inference and metrics, the weight converters (tools/convert_weights.py) and the scenes "
-          "dataset (tools/make_dataset.py scenes --data_dir DIR).")
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        config = load_config(args.config)
+        apply_overrides(config, args.set)
+        result = train_and_evaluate(config, args.workdir)
+    except (FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in result.items() if k != "per_class_iou"}))
     return 0
 
 
