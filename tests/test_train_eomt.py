@@ -6,29 +6,18 @@ from 29.6 to 23.0 and validation mIoU over the 9 classes reached 0.156 (pixel ac
 thresholds below leave room for run-to-run differences across machines."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
 from jaxseg.losses.mask_classification import SetLossConfig
-from jaxseg.metrics import confusion_matrix, miou_from_confusion
-from jaxseg.train.tasks import EomtTask, scenes_example
+from jaxseg.train.run import evaluate_semantic
+from jaxseg.train.tasks import EomtTask
 from jaxseg.train.trainer import TrainConfig, Trainer
 
 MODEL = dict(encoder=dict(width=64, depth=4, num_heads=4, mlp_dim=256, patch_size=8, posemb_grid=(8, 8),
                           num_registers=4, posemb_covers_prefix=False),
              num_classes=9, num_queries=16, num_query_blocks=2)
-
-
-def _miou(task, params, source):
-    confusion = 0
-    for i in range(len(source)):
-        example = scenes_example(source[i])
-        prediction = task.predict_semantic(params, jnp.asarray(example["image"][None] / 255.0, jnp.float32))
-        confusion = confusion + np.asarray(confusion_matrix(example["semantic"][None], np.asarray(prediction), 9))
-    return miou_from_confusion(confusion)["mean_iou"]
 
 
 @pytest.mark.slow
@@ -42,11 +31,11 @@ def test_eomt_learns_scenes(tmp_path):
                     scale_range=(0.8, 1.25), lr=1e-3, warmup=(20, 20), layer_decay=1.0, clip_norm=1.0,
                     loss_config=SetLossConfig(num_points=1024))
     trainer = Trainer(task, TrainConfig(total_steps=300, log_every=25, checkpoint_every=10**6), tmp_path / "run")
-    untrained = _miou(task, nn.unbox(task.init_params(jax.random.PRNGKey(0))), val)
+    untrained = evaluate_semantic(task, nn.unbox(task.init_params(jax.random.PRNGKey(0))), val, 9)["mean_iou"]
     state = trainer.run()
     losses = [h["loss"] for h in trainer.history]
     assert losses[-1] < 0.85 * losses[0], losses
-    trained = _miou(task, state.params, val)
+    trained = evaluate_semantic(task, state.params, val, 9)["mean_iou"]
     print(f"mIoU untrained {untrained:.3f} -> trained {trained:.3f}; loss {losses[0]:.2f} -> {losses[-1]:.2f}")
     assert trained > 0.10 and trained > untrained + 0.05
 
