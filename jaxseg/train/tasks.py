@@ -44,11 +44,13 @@ class EomtTask:
     layer_decay: float = 0.8
     clip_norm: float = 0.01
     loss_config: SetLossConfig = SetLossConfig()
+    # Explicit (starts, ends) of the per-block annealing windows; default: the official T/6 rule.
+    annealing_windows: tuple | None = None
 
     def __post_init__(self):
         self.network = EoMT(**self.model)
         self.num_blocks = self.model["num_query_blocks"]
-        self.windows = mask_annealing_windows(self.total_steps, self.num_blocks)
+        self.windows = self.annealing_windows or mask_annealing_windows(self.total_steps, self.num_blocks)
 
     def init_params(self, rng: jax.Array) -> Any:
         images = jnp.zeros((1, self.crop_size, self.crop_size, 3))

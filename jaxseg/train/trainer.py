@@ -13,7 +13,7 @@ import logging
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import flax
 import flax.linen as nn
@@ -69,11 +69,11 @@ class TrainConfig:
 
 class Trainer:
     def __init__(self, task: Task, config: TrainConfig, workdir: str | pathlib.Path,
-                 config_to_save: dict | None = None):
+                 config_to_save: dict | None = None, devices: Sequence[jax.Device] | None = None):
         self.task, self.config = task, config
         self.workdir = pathlib.Path(workdir)
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=config.max_to_keep)
-        self.mesh = sharding.make_mesh(config.mesh)
+        self.mesh = sharding.make_mesh(config.mesh, devices)
         self.config_to_save = config_to_save or {}
         self.history: list[dict] = []
 
