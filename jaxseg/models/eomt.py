@@ -74,6 +74,23 @@ class TransposedConv2x2(nn.Module):
         return x.reshape(batch, 2 * height, 2 * width, channels) + bias.astype(self.dtype)
 
 
+class DepthwiseConv3x3(nn.Module):
+    """Depthwise 3x3 convolution, padding 1, no bias (kernel (3, 3, 1, C) as flax's grouped Conv stores
+    it), written as nine shifted products: XLA's SPMD partitioner mis-sums the weight gradient of
+    feature-grouped convolutions over replicated mesh axes (4x on a data x tensor=4 mesh, seen on CPU)."""
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        channels = x.shape[-1]
+        kernel = self.param("kernel", _torch_uniform(9, (None, None, None, "embed")), (3, 3, 1, channels),
+                            self.param_dtype).astype(self.dtype)
+        height, width = x.shape[1:3]
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return sum(padded[:, a:a + height, b:b + width] * kernel[a, b, 0] for a in range(3) for b in range(3))
+
+
 class ScaleBlock(nn.Module):
     """x2 upsampling: transposed conv 2x2/2 -> exact GELU -> depthwise conv 3x3 (no bias) -> LayerNorm over
     channels (eps 1e-6). NHWC in and out."""
@@ -82,12 +99,9 @@ class ScaleBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        channels = x.shape[-1]
         x = TransposedConv2x2(self.dtype, self.param_dtype, name="conv1")(x)
         x = nn.gelu(x, approximate=False)
-        x = nn.Conv(channels, (3, 3), padding=1, feature_group_count=channels, use_bias=False,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="conv2",
-                    kernel_init=_torch_uniform(9, (None, None, None, "embed")))(x)
+        x = DepthwiseConv3x3(self.dtype, self.param_dtype, name="conv2")(x)
         return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
 
 
