@@ -20,11 +20,10 @@ import numpy as np
 from PIL import Image
 
 from jaxseg.models.weaktr import WeakTr
+from jaxseg.ops.image import normalize
 from jaxseg.train.checkpoint import restore_params
 from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, threshold_sweep
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def voc_palette() -> list[int]:
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for i in range(count):
         example = source[i]
-        image = (example["image"].astype(np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+        image = normalize(example["image"].astype(np.float32) / 255)
         present = np.asarray(example["labels"][:args.num_foreground], np.float32)
         normalized = normalize_cams(multiscale_cams(cam_fn, image, present, patch, args.scales), present)
         label_map = np.asarray(pseudo_label(normalized, present, args.threshold), np.uint8)

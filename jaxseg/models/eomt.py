@@ -20,15 +20,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxseg.models.initializers import torch_default, torch_dense
 from jaxseg.models.vit import ViT, vit_config
+from jaxseg.ops.image import normalize
 from jaxseg.ops.resize import resize
 
 Array = jax.Array
 
 # Blocks that see the queries (L2) by backbone size (tue-mps/eomt configs).
 QUERY_BLOCKS = {"S": 3, "B": 3, "L": 4, "g": 5}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def eomt_config(size: str = "L", *, num_classes: int, num_queries: int = 200, image_size: int = 640,
@@ -42,20 +42,6 @@ def eomt_config(size: str = "L", *, num_classes: int, num_queries: int = 200, im
                 num_query_blocks=QUERY_BLOCKS[size])
 
 
-def _torch_uniform(fan_in: int, axes: tuple):
-    # PyTorch's default init of Linear/Conv weights (kaiming-uniform, a=sqrt(5)) and biases is
-    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the official EoMT keeps it for its new layers.
-    bound = 1.0 / math.sqrt(fan_in)
-    return nn.with_logical_partitioning(
-        lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound), axes)
-
-
-def _torch_linear(features: int, fan_in: int, name: str, dtype: Any, param_dtype: Any) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=_torch_uniform(fan_in, ("embed", None)),
-                    bias_init=_torch_uniform(fan_in, (None,)))
-
-
 class TransposedConv2x2(nn.Module):
     """ConvTranspose2d(kernel 2, stride 2): every input pixel is scattered into its own 2x2 output block,
     which is an einsum (no kernel-flip conventions to get wrong). kernel[a, b, c, o] is torch's
@@ -67,9 +53,9 @@ class TransposedConv2x2(nn.Module):
     def __call__(self, x: Array) -> Array:
         batch, height, width, channels = x.shape
         # torch computes the fan-in of a transposed conv from its output channels: 4 * channels here.
-        kernel = self.param("kernel", _torch_uniform(4 * channels, (None, None, "embed", None)),
+        kernel = self.param("kernel", torch_default(4 * channels, (None, None, "embed", None)),
                             (2, 2, channels, channels), self.param_dtype)
-        bias = self.param("bias", _torch_uniform(4 * channels, (None,)), (channels,), self.param_dtype)
+        bias = self.param("bias", torch_default(4 * channels, (None,)), (channels,), self.param_dtype)
         x = jnp.einsum("nijc,abco->niajbo", x, kernel.astype(self.dtype))
         return x.reshape(batch, 2 * height, 2 * width, channels) + bias.astype(self.dtype)
 
@@ -84,7 +70,7 @@ class DepthwiseConv3x3(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         channels = x.shape[-1]
-        kernel = self.param("kernel", _torch_uniform(9, (None, None, None, "embed")), (3, 3, 1, channels),
+        kernel = self.param("kernel", torch_default(9, (None, None, None, "embed")), (3, 3, 1, channels),
                             self.param_dtype).astype(self.dtype)
         height, width = x.shape[1:3]
         padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -134,8 +120,9 @@ class EoMT(nn.Module):
         width, dtype, param_dtype = self.vit.width, self.vit.dtype, self.vit.param_dtype
         self.queries = self.param("queries", nn.with_logical_partitioning(
             nn.initializers.normal(1.0), (None, "embed")), (self.num_queries, width), param_dtype)
-        self.class_head = _torch_linear(self.num_classes + 1, width, "class_head", dtype, param_dtype)
-        self.mask_head = [_torch_linear(width, width, f"mask_head_{i}", dtype, param_dtype)
+        linear = dict(dtype=dtype, param_dtype=param_dtype, axes=("embed", None))
+        self.class_head = torch_dense(self.num_classes + 1, width, "class_head", **linear)
+        self.mask_head = [torch_dense(width, width, f"mask_head_{i}", **linear)
                           for i in range(3)]
         num_upscale = self.num_upscale_blocks
         if num_upscale is None:
@@ -189,9 +176,7 @@ class EoMT(nn.Module):
         vit = self.vit
         grid = vit.check_images(images)
         if self.normalize_input:
-            mean = jnp.asarray(IMAGENET_MEAN, images.dtype)
-            std = jnp.asarray(IMAGENET_STD, images.dtype)
-            images = (images - mean) / std
+            images = normalize(images)
         masked = attn_mask_probs is not None
         first = vit.depth - self.num_query_blocks
         if masked:

@@ -23,21 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxseg.models.initializers import torch_default, torch_dense
 from jaxseg.models.vit import ViT
 
 Array = jax.Array
 FUSIONS = ("aaf", "mctformer")
-
-
-def _torch_linear_init(fan_in: int):
-    # PyTorch's default Linear init (U(+-1/sqrt(fan_in)) for weight and bias), which WeakTr keeps for AAF.
-    bound = 1.0 / fan_in ** 0.5
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _linear(features: int, fan_in: int, name: str, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, kernel_init=_torch_linear_init(fan_in),
-                    bias_init=_torch_linear_init(fan_in), name=name)
 
 
 class AdaptiveAttentionFusion(nn.Module):
@@ -51,14 +41,14 @@ class AdaptiveAttentionFusion(nn.Module):
     def __call__(self, pooled: Array) -> Array:
         num_maps, dim = pooled.shape[1], pooled.shape[2]
         hidden = dim // self.feat_reduction
-        e = _linear(hidden, dim, "feat_fc1")(pooled)
-        e = _linear(1, hidden, "feat_fc2")(e)[..., 0]
+        e = torch_dense(hidden, dim, "feat_fc1")(pooled)
+        e = torch_dense(1, hidden, "feat_fc2")(e)[..., 0]
         squeeze = num_maps // self.reduction
         if squeeze < 1 or hidden < 1:
             raise ValueError(f"AAF reductions too large: {num_maps} maps / reduction {self.reduction} and "
                              f"{dim} channels / feat_reduction {self.feat_reduction} must both be >= 1")
-        h = nn.relu(_linear(squeeze, num_maps, "head_fc1", use_bias=False)(e))
-        return nn.sigmoid(_linear(num_maps, squeeze, "head_fc2", use_bias=False)(h))
+        h = nn.relu(torch_dense(squeeze, num_maps, "head_fc1", use_bias=False)(e))
+        return nn.sigmoid(torch_dense(num_maps, squeeze, "head_fc2", use_bias=False)(h))
 
 
 def _fused_layer_attention(vit: ViT, layer: int, inputs: Array, weights: Array) -> Array:
@@ -121,7 +111,7 @@ class WeakTr(nn.Module):
         if self.vit.final_norm:
             raise ValueError("WeakTr stage 1 uses the last block's raw output: set final_norm=False")
         # WeakTr's `_init_weights` skips convolutions: the head keeps PyTorch's default init.
-        init = _torch_linear_init(9 * self.vit.width)
+        init = torch_default(9 * self.vit.width)
         self.head = nn.Conv(self.num_classes, (3, 3), padding=1, kernel_init=init, bias_init=init)
         if self.fusion == "aaf":
             self.aaf = AdaptiveAttentionFusion(self.feat_reduction, self.reduction)
