@@ -84,10 +84,10 @@ def test_train_tool_runs_the_scenes_config_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["mean_iou"] <= 1.0 and result["examples"] == 4
-    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    logged = (tmp_path / "run" / "train_metrics.jsonl").read_text()
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged  # nothing retrained
+    assert (tmp_path / "run" / "train_metrics.jsonl").read_text() == logged  # nothing retrained
 
     typo = subprocess.run(command[:6] + ["--set", "total_step=5"], capture_output=True, text=True, cwd=ROOT)
     assert typo.returncode == 1 and "unknown config key 'total_step'" in typo.stderr

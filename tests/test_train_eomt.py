@@ -11,7 +11,6 @@ import tensorflow_datasets as tfds
 
 from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
 from jaxseg.losses.mask_classification import SetLossConfig
-from jaxseg.train.run import evaluate_semantic
 from jaxseg.train.tasks import EomtTask
 from jaxseg.train.trainer import TrainConfig, Trainer
 
@@ -29,13 +28,16 @@ def test_eomt_learns_scenes(tmp_path):
                   for split in ("train", "validation"))
     task = EomtTask(model=MODEL, source=train, total_steps=300, batch_size=8, crop_size=64,
                     scale_range=(0.8, 1.25), lr=1e-3, warmup=(20, 20), layer_decay=1.0, clip_norm=1.0,
-                    loss_config=SetLossConfig(num_points=1024))
+                    loss_config=SetLossConfig(num_points=1024), eval_source=val)
     trainer = Trainer(task, TrainConfig(total_steps=300, log_every=25, checkpoint_every=10**6), tmp_path / "run")
-    untrained = evaluate_semantic(task, nn.unbox(task.init_params(jax.random.PRNGKey(0))), val, 9)["mean_iou"]
-    state = trainer.run()
+    untrained_params = nn.unbox(task.init_params(jax.random.PRNGKey(0)))
+    untrained = task.evaluate(untrained_params, trainer.mesh, trainer.config.rules)["mean_iou"]
+    trainer.run()
     losses = [h["loss"] for h in trainer.history]
     assert losses[-1] < 0.85 * losses[0], losses
-    trained = evaluate_semantic(task, state.params, val, 9)["mean_iou"]
+    trained = trainer.eval_results["mean_iou"]
+    assert trainer.eval_results["step"] == 300 and (tmp_path / "run" / "eval.json").is_file()
+    assert (tmp_path / "run" / "eval_metrics.jsonl").is_file() and any((tmp_path / "run" / "tensorboard").iterdir())
     print(f"mIoU untrained {untrained:.3f} -> trained {trained:.3f}; loss {losses[0]:.2f} -> {losses[-1]:.2f}")
     assert trained > 0.10 and trained > untrained + 0.05
 

@@ -1,4 +1,5 @@
 """The training loop on a toy task: it learns, resumes bit-exactly, and stops on a non-finite loss."""
+import dataclasses
 import json
 
 import jax
@@ -8,7 +9,7 @@ import optax
 import pytest
 
 from jaxseg.data.pipeline import train_dataset
-from jaxseg.train.trainer import NonFiniteLossError, TrainConfig, Trainer
+from jaxseg.train.trainer import NonFiniteLossError, TrainConfig, Trainer, progress_line
 
 W_TRUE = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
 SOURCE = [{"x": x, "y": np.float32(x @ W_TRUE)}
@@ -39,7 +40,7 @@ class ToyTask:
 
 
 def _losses(workdir):
-    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in (workdir / "train_metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls(tmp_path):
@@ -63,3 +64,36 @@ def test_non_finite_loss_stops_with_the_step_and_saves_the_batch(tmp_path):
         Trainer(ToyTask(nan_at_step=3), TrainConfig(total_steps=10, log_every=1), tmp_path).run()
     saved = np.load(tmp_path / "nonfinite_batch_step3.npz")
     assert saved["x"].shape == (8, 4)
+
+
+class NestedToyTask(ToyTask):
+    """The toy model inside a bigger tree, as an encoder inside a segmentation model."""
+
+    def init_params(self, rng):
+        return {"encoder": super().init_params(rng), "head": {"b": jnp.zeros(())}}
+
+    def loss(self, params, batch, rng, step):
+        loss, metrics = super().loss(params["encoder"], batch, rng, step)
+        return loss + params["head"]["b"] ** 2, metrics
+
+
+def test_fresh_run_starts_from_an_init_checkpoint_subtree(tmp_path):
+    pretrained = Trainer(ToyTask(), TrainConfig(total_steps=30, checkpoint_every=30), tmp_path / "pre").run()
+    config = TrainConfig(total_steps=0, init_checkpoint=str(tmp_path / "pre"), init_into="encoder")
+    state = Trainer(NestedToyTask(), config, tmp_path / "fine").run()
+    np.testing.assert_array_equal(state.params["encoder"]["w"], pretrained.params["w"])
+    assert float(state.params["head"]["b"]) == 0.0
+
+
+def test_init_checkpoint_of_another_model_names_the_differences(tmp_path):
+    Trainer(ToyTask(), TrainConfig(total_steps=2, checkpoint_every=2), tmp_path / "pre").run()
+    config = TrainConfig(total_steps=1, init_checkpoint=str(tmp_path / "pre"))
+    with pytest.raises(ValueError, match=r"missing.*encoder/w|unexpected.*\bw\b"):
+        Trainer(NestedToyTask(), config, tmp_path / "fine").run()
+    with pytest.raises(KeyError, match="'decoder' is not one of"):
+        Trainer(NestedToyTask(), dataclasses.replace(config, init_into="decoder"), tmp_path / "fine2").run()
+
+
+def test_progress_line_shows_rate_and_eta():
+    assert progress_line(120, 300, 3.1, 24.8) == (
+        "[========>           ] 120/300  40% | 3.10 steps/s, 24.8 img/s, ETA 0:00:58")

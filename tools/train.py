@@ -2,7 +2,7 @@
 
     python tools/train.py --config configs/eomt/scenes.py:runlocal --workdir /tmp/jaxseg-scenes
 
-The workdir holds the checkpoints (a rerun resumes from the latest), metrics.jsonl, eval.json and, for
+The workdir holds the checkpoints (a rerun resumes from the latest), train_metrics.jsonl, TensorBoard events, eval.json and, for
 the generated-scenes configs, the dataset build (unless config.dataset.data_dir names another place).
 Override config values with --set key=value (e.g. --set total_steps=50).
 """

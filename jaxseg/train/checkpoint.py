@@ -110,3 +110,19 @@ def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
     finally:
         manager.close()
     return restored["state"]["params"]
+
+
+def load_init_params(path: str | os.PathLike, abstract_params: Any) -> Any:
+    """Parameters to start a run from: the latest params of a jaxseg run (or its checkpoints
+    directory), or a converted params file / directory (`jaxseg.convert.params_io`, e.g. a timm ViT for
+    an encoder), checked name by name against `abstract_params` (a loud diff when they differ)."""
+    from jaxseg.convert.params_io import PARAMS_DIR, load_params
+
+    path = pathlib.Path(path)
+    if path.is_file() or (path / PARAMS_DIR).is_dir():
+        _, params = load_params(path)
+        check_tree_names(flax.linen.unbox(abstract_params), params, f"params {path}")
+        return params
+    if not path.is_dir():
+        raise FileNotFoundError(f"init checkpoint {path} does not exist")
+    return restore_params(path, abstract_params)

@@ -6,13 +6,10 @@ import importlib.util
 import json
 import pathlib
 
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxseg.losses.mask_classification import SetLossConfig
-from jaxseg.metrics import confusion_matrix, miou_from_confusion
-from jaxseg.train.tasks import EomtTask, scenes_example
+from jaxseg.train.tasks import EomtTask
 from jaxseg.train.trainer import TrainConfig, Trainer
 
 TASKS = ("eomt",)
@@ -70,28 +67,15 @@ def scenes_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path):
                  for split in ("train", "validation"))
 
 
-def eomt_task(config: ml_collections.ConfigDict, source) -> EomtTask:
+def eomt_task(config: ml_collections.ConfigDict, source, eval_source=None) -> EomtTask:
     model = config.model.to_dict()
     model["encoder"]["posemb_grid"] = tuple(model["encoder"]["posemb_grid"])
     return EomtTask(model=model, source=source, total_steps=config.total_steps, batch_size=config.batch_size,
                     crop_size=config.crop_size, scale_range=tuple(config.scale_range),
                     color_jitter=config.color_jitter, lr=config.lr, warmup=tuple(config.warmup),
                     layer_decay=config.layer_decay, clip_norm=config.clip_norm,
-                    loss_config=SetLossConfig(num_points=config.num_points))
-
-
-def evaluate_semantic(task: EomtTask, params, source, num_classes: int) -> dict:
-    """mIoU (255 ignored) of the final prediction on every example of `source`."""
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    for i in range(len(source)):
-        example = scenes_example(source[i])
-        images = jnp.asarray(example["image"][None] / 255.0, jnp.float32)
-        prediction = np.asarray(task.predict_semantic(params, images))
-        confusion += np.asarray(confusion_matrix(example["semantic"][None], prediction, num_classes))
-    result = miou_from_confusion(confusion)
-    return {"mean_iou": float(result["mean_iou"]), "pixel_accuracy": float(result["pixel_accuracy"]),
-            "per_class_iou": [None if np.isnan(v) else float(v) for v in result["per_class_iou"]],
-            "examples": len(source)}
+                    loss_config=SetLossConfig(num_points=config.num_points), eval_source=eval_source,
+                    eval_batch_size=config.get("eval_batch_size", 8))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -102,13 +86,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         raise ValueError(f"task {config.task!r} is not available; valid: {TASKS}")
     workdir.mkdir(parents=True, exist_ok=True)
     train, validation = scenes_sources(config, workdir)
-    task = eomt_task(config, train)
-    trainer = Trainer(task, TrainConfig(total_steps=config.total_steps, seed=config.seed,
-                                        log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-                                        mesh=tuple(map(tuple, config.mesh)),
-                                        rules=tuple(config.sharding_rules)),
-                      workdir, config_to_save=json.loads(config.to_json()))
-    state = trainer.run()
-    result = evaluate_semantic(task, state.params, validation, config.model.num_classes)
-    (workdir / "eval.json").write_text(json.dumps(result, indent=1))
-    return result
+    task = eomt_task(config, train, validation)
+    trainer = Trainer(task, train_config(config), workdir, config_to_save=json.loads(config.to_json()))
+    trainer.run()
+    return trainer.eval_results
+
+
+def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
+    return TrainConfig(total_steps=config.total_steps, seed=config.seed, log_every=config.log_every,
+                       checkpoint_every=config.checkpoint_every, eval_every=config.get("eval_every", 0),
+                       init_checkpoint=config.get("init_checkpoint", ""),
+                       init_into=config.get("init_into", ""), mesh=tuple(map(tuple, config.mesh)),
+                       rules=tuple(config.sharding_rules))

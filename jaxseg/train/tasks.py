@@ -14,6 +14,7 @@ from jaxseg.inference.mask_classification import semantic_scores
 from jaxseg.losses.mask_classification import SetLossConfig, Targets, set_loss
 from jaxseg.models.eomt import EoMT
 from jaxseg.ops.resize import resize
+from jaxseg.train.evaluation import evaluate_semantic
 from jaxseg.train.optim import eomt_optimizer
 from jaxseg.train.schedules import mask_annealing_probs, mask_annealing_windows
 
@@ -46,6 +47,8 @@ class EomtTask:
     loss_config: SetLossConfig = SetLossConfig()
     # Explicit (starts, ends) of the per-block annealing windows; default: the official T/6 rule.
     annealing_windows: tuple | None = None
+    eval_source: Sequence[dict] | None = None
+    eval_batch_size: int = 8
 
     def __post_init__(self):
         self.network = EoMT(**self.model)
@@ -86,4 +89,17 @@ class EomtTask:
         mask_logits = resize(out["mask_logits"][-1], images.shape[1:3], axes=(-2, -1))
         scores = jax.vmap(semantic_scores)(out["class_logits"][-1], mask_logits)
         return jnp.argmax(scores, axis=1)
+
+    def evaluate(self, params: Any, mesh: jax.sharding.Mesh, rules) -> dict:
+        """Semantic mIoU on `eval_source` (skipped without one)."""
+        if self.eval_source is None:
+            return {}
+        return evaluate_semantic(self.predict_semantic, params, self.eval_source, _scenes_eval_example,
+                                 self.model["num_classes"], batch_size=self.eval_batch_size, mesh=mesh,
+                                 rules=rules)
+
+
+def _scenes_eval_example(example: dict) -> dict:
+    example = scenes_example(example)
+    return {"image": example["image"].astype(np.float32) / 255, "semantic": example["semantic"]}
 
