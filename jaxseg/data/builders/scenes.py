@@ -31,26 +31,19 @@ i is scene VALIDATION_OFFSET + i, so the validation set depends on neither `num_
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
-import io
 import json
-import multiprocessing
-import os
 import re
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
-from PIL import Image
 
+from jaxseg.data.builders.manual import JaxsegBuilder, png, scalar, segments_feature
 from jaxseg.data.synthetic import SceneConfig, categories, generate_scene
 
 # Scene index of the first validation example; training scenes are 0..num_train-1, below it.
 VALIDATION_OFFSET = 1_000_000_000
-# Examples generated per round by the worker processes.
-_BLOCK = 512
 # What TFDS accepts as a config name (in `tfds.data_source("jaxseg_scenes/<name>")`).
 _CONFIG_NAME = re.compile(r"[\w+.-]+")
 
@@ -95,26 +88,15 @@ def scenes_config(image_size: int = 128, num_train: int = 2000, num_val: int = 5
                                     f"{num_val} validation, seed {seed}")
 
 
-def _png(array: np.ndarray) -> bytes:
-    # Encoded here with PIL: TFDS would encode numpy arrays with TensorFlow.
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _example(scene_config: SceneConfig, index: int) -> dict:
     """One example in the form the features encode without TensorFlow (runs in the worker processes)."""
     scene = generate_scene(scene_config, index)
-    return {"image": _png(scene["image"]), "semantic": _png(scene["semantic"]),
+    return {"image": png(scene["image"]), "semantic": png(scene["semantic"]),
             "panoptic": scene["panoptic"], "segments": scene["segments"], "labels": scene["labels"],
             "image_id": index}
 
 
-def _scalar(dtype) -> tfds.features.Tensor:
-    return tfds.features.Tensor(shape=(), dtype=dtype)
-
-
-class JaxsegScenes(tfds.core.GeneratorBasedBuilder):
+class JaxsegScenes(JaxsegBuilder):
     """Synthetic scenes with semantic, panoptic and image-level labels (module docstring)."""
 
     # Bump whenever the generator's output changes: the version is part of the path, so builds of older
@@ -123,21 +105,6 @@ class JaxsegScenes(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [DEFAULT]
 
-    # TFDS 4.9.10 finds a builder's source through the `importlib_resources` backport, which it only
-    # declares for Python < 3.9 (tensorflow/datasets#11212): point it at this file directly.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(__file__)
-
-    def __init__(self, *, num_workers: int | None = None, **kwargs):
-        """`num_workers`: processes generating examples (default: one per CPU; 1: this process only).
-        Other arguments: those of `tfds.core.GeneratorBasedBuilder` (`config`, `data_dir`, ...)."""
-        if num_workers is not None and num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers!r}")
-        self._num_workers = num_workers or os.cpu_count() or 1
-        super().__init__(**kwargs)
-
     def _info(self) -> tfds.core.DatasetInfo:
         config: ScenesConfig = self.builder_config
         size, num_classes = config.scene.image_size, config.scene.num_classes
@@ -145,12 +112,9 @@ class JaxsegScenes(tfds.core.GeneratorBasedBuilder):
             "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
             "semantic": tfds.features.Image(shape=(size, size, 1), encoding_format="png"),
             "panoptic": tfds.features.Tensor(shape=(size, size), dtype=np.int32, encoding="zlib"),
-            "segments": tfds.features.Sequence({
-                "id": _scalar(np.int32), "category_id": _scalar(np.int32),
-                "is_thing": _scalar(np.bool_), "iscrowd": _scalar(np.bool_),
-                "area": _scalar(np.int32), "bbox": tfds.features.Tensor(shape=(4,), dtype=np.int32)}),
+            "segments": segments_feature(),
             "labels": tfds.features.Tensor(shape=(num_classes,), dtype=np.uint8),
-            "image_id": _scalar(np.int64),
+            "image_id": scalar(np.int64),
         })
         metadata = tfds.core.MetadataDict(parameters=config.parameters(),
                                           categories=categories(config.scene))
@@ -167,15 +131,4 @@ class JaxsegScenes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, indices: range):
         make = functools.partial(_example, self.builder_config.scene)
-        if self._num_workers == 1:
-            yield from zip(indices, map(make, indices))
-            return
-        # "spawn": forking a process that may run threads (JAX, tqdm) can deadlock. An executor, unlike
-        # multiprocessing.Pool, raises when a worker dies instead of waiting forever. Blocks bound the
-        # finished examples held in memory; map keeps their order, so the examples do not depend on the
-        # number of workers.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(self._num_workers, mp_context=context) as pool:
-            for start in range(0, len(indices), _BLOCK):
-                block = indices[start:start + _BLOCK]
-                yield from zip(block, pool.map(make, block, chunksize=16))
+        yield from zip(indices, self._map(make, indices))
