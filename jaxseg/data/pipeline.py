@@ -1,9 +1,10 @@
 """grain input pipelines and global batches.
 
-Training: source -> seed/shuffle -> repeat -> slice by host -> random_map (augmentation drawing every
-random number from the per-element generator grain derives from the seed and the element index) ->
-batch -> iterator (optionally multiprocess prefetch). The batches depend on the seed only, not on the
-number of workers, and the iterator state (a few integers) restores the exact position.
+Training: source -> seed/shuffle -> repeat -> random_map (augmentation drawing every random number
+from the per-element generator grain derives from the seed and the element's global index; lazy, so
+each host only computes its own elements) -> slice by host -> batch -> iterator (optionally
+multiprocess prefetch). The batches depend on the seed only, not on the number of workers, and the
+iterator state (a few integers) restores the exact position.
 
 Evaluation: one pass in order; each host takes every process_count-th example, and its last batch is
 padded with copies of an example marked `_valid = False`, so that every host runs the same number of
@@ -43,8 +44,10 @@ def train_dataset(source: Sequence[dict], transform: Callable[[dict, np.random.G
     if len(source) == 0:
         raise ValueError("the training source is empty")
     index, count = _hosts(process_index, process_count)
-    dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
-    dataset = dataset[index::count].random_map(transform).batch(batch_size, drop_remainder=True)
+    # random_map before the host slice: each element's generator follows from its global position, so
+    # hosts draw different augmentations and a run's augmentation does not depend on the host count.
+    dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs).random_map(transform)
+    dataset = dataset[index::count].batch(batch_size, drop_remainder=True)
     iterable = dataset.to_iter_dataset()
     if worker_count:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
