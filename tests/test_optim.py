@@ -6,7 +6,8 @@ import optax
 import pytest
 import torch
 
-from jaxseg.train.optim import adamw_groups, eomt_optimizer, layer_decay, regex_labels, warmup_poly
+from jaxseg.train.optim import (adamw_groups, eomt_optimizer, layer_decay, regex_labels, segmenter_optimizer,
+                                 timm_cosine_per_epoch, warmup_poly)
 
 
 def test_two_stage_warmup_poly_values():
@@ -73,3 +74,45 @@ def test_frozen_backbone_accumulates_moments_without_moving():
     assert float(jnp.abs(adam_state.mu["encoder"]["blocks_0"]["w"]).sum()) > 0
     with pytest.raises(ValueError, match="no schedule for parameter group"):
         adamw_groups({"a": "x"}, {"a": 1.0}, {"y": lambda t: 0.0}, weight_decay=0.0)
+
+
+def test_segmenter_optimizer_matches_torch_sgd_nesterov_with_poly_decay():
+    """WeakTr stage 2: torch SGD(nesterov, momentum 0.9) with the encoder group at 0.1x and the
+    per-iteration poly rate (1e-4 - 1e-5) (1 - t / T)^0.9 + 1e-5."""
+    rng = np.random.default_rng(1)
+    params = {"encoder": {"w": rng.standard_normal(4).astype(np.float32)},
+              "decoder": {"w": rng.standard_normal((2, 3)).astype(np.float32)}}
+    total = 6
+    grads = [jax.tree_util.tree_map(lambda v: rng.standard_normal(v.shape).astype(np.float32), params)
+             for _ in range(total)]
+    tx = segmenter_optimizer(params, total_steps=total, lr=1e-2, min_lr=1e-3)
+    state, ours = tx.init(params), params
+    torch_params = {k: torch.nn.Parameter(torch.tensor(v["w"])) for k, v in params.items()}
+    opt = torch.optim.SGD([{"params": [torch_params["encoder"]], "scale": 0.1},
+                           {"params": [torch_params["decoder"]], "scale": 1.0}],
+                          lr=1e-2, momentum=0.9, nesterov=True)
+    for step, g in enumerate(grads):
+        updates, state = tx.update(g, state, ours)
+        ours = optax.apply_updates(ours, updates)
+        for group in opt.param_groups:
+            group["lr"] = group["scale"] * ((1e-2 - 1e-3) * (1 - step / total) ** 0.9 + 1e-3)
+        for k, p in torch_params.items():
+            p.grad = torch.tensor(g[k]["w"])
+        opt.step()
+    for k in params:
+        np.testing.assert_allclose(ours[k]["w"], torch_params[k].detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_weaktr_schedule_is_timm_cosine_stepped_after_each_epoch():
+    from timm.scheduler import CosineLRScheduler
+
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=7.5e-5)
+    timm_schedule = CosineLRScheduler(opt, t_initial=60, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=5)
+    ours = timm_cosine_per_epoch(7.5e-5, steps_per_epoch=3, epochs=60)
+    lrs = []
+    for epoch in range(60):
+        lrs.append(opt.param_groups[0]["lr"])  # the rate epoch `epoch` trains at
+        timm_schedule.step(epoch)
+    np.testing.assert_allclose([ours(3 * e + 2) for e in range(60)], lrs, rtol=1e-5)
+    np.testing.assert_allclose([ours(3 * e) for e in range(60)], lrs, rtol=1e-5)

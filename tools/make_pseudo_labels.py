@@ -4,9 +4,12 @@ report of CAM mIoU over a background-threshold sweep where ground truth exists.
     python tools/make_pseudo_labels.py --checkpoint RUN_DIR --model_config weaktr.json \\
         --data_dir DIR --dataset jaxseg_scenes/default --split train --out_dir OUT --num_foreground 8
 
-The checkpoint is a `jaxseg.train.checkpoint.Checkpointer` run directory whose state holds "params";
-`--model_config` is a JSON file of `WeakTr` keyword arguments. The first `--num_foreground` categories of
-the dataset are the foreground classes (labels c -> c + 1); every other category is background (0).
+The checkpoint is a `jaxseg.train.checkpoint.Checkpointer` run directory whose state holds "params".
+The model comes from `--model_config` (a JSON file of `WeakTr` keyword arguments) or, by default, from
+the run's `config.json` (written by `tools/train.py`), and so do the number of foreground classes and
+the ground-truth label space (`--ground_truth`: "categories" when the first `--num_foreground`
+categories are the foreground, c -> c + 1 and other categories -> background 0; "wsss" when the
+dataset's labels already are background 0 + classes 1..C, as VOC's).
 """
 import argparse
 import json
@@ -22,6 +25,7 @@ from PIL import Image
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.ops.image import normalize
 from jaxseg.train.checkpoint import restore_params
+from jaxseg.train.wsss_tasks import GROUND_TRUTHS, wsss_semantic
 from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, threshold_sweep
 
 
@@ -40,21 +44,18 @@ def voc_palette() -> list[int]:
     return palette
 
 
-def wsss_ground_truth(semantic: np.ndarray, num_foreground: int) -> np.ndarray:
-    """Category ids -> WSSS labels: foreground c -> c + 1, other categories -> 0, 255 kept."""
-    semantic = semantic.astype(np.int64)
-    return np.where(semantic == 255, 255, np.where(semantic < num_foreground, semantic + 1, 0))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--model_config", required=True, help="JSON file of WeakTr keyword arguments")
+    parser.add_argument("--model_config", help="JSON file of WeakTr keyword arguments "
+                        "(default: the model of CHECKPOINT/config.json)")
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--dataset", default="jaxseg_scenes/default")
     parser.add_argument("--split", default="train")
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--num_foreground", type=int, required=True)
+    parser.add_argument("--num_foreground", type=int, help="default: the model's number of classes")
+    parser.add_argument("--ground_truth", choices=GROUND_TRUTHS,
+                        help="label space of the dataset's semantic maps (default: the run's config)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.2])
     parser.add_argument("--threshold", type=float, default=0.43, help="background threshold of the PNGs")
     parser.add_argument("--sweep", type=float, nargs="+", default=[round(0.05 * i, 2) for i in range(2, 15)])
@@ -69,9 +70,19 @@ def main(argv=None) -> int:
         print(f"error: {out_dir} is not empty; pass --overwrite to write into it", file=sys.stderr)
         return 1
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_config = json.loads(pathlib.Path(args.model_config).read_text())
+    run_config_path = pathlib.Path(args.checkpoint) / "config.json"
+    run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
+    if args.model_config:
+        model_config = json.loads(pathlib.Path(args.model_config).read_text())
+    elif "model" in run_config:
+        model_config = run_config["model"]
+    else:
+        print(f"error: no --model_config and no model in {run_config_path}", file=sys.stderr)
+        return 1
     model_config["encoder"]["posemb_grid"] = tuple(model_config["encoder"]["posemb_grid"])
     model = WeakTr(**model_config)
+    args.num_foreground = args.num_foreground or model.num_classes
+    ground_truth = args.ground_truth or run_config.get("dataset", {}).get("ground_truth", "categories")
     if model.num_classes != args.num_foreground:
         print(f"error: the model has {model.num_classes} classes, --num_foreground is {args.num_foreground}",
               file=sys.stderr)
@@ -103,7 +114,7 @@ def main(argv=None) -> int:
         if "semantic" in example:
             cams.append(np.asarray(normalized))
             labels.append(present)
-            truths.append(wsss_ground_truth(np.asarray(example["semantic"])[..., 0], args.num_foreground))
+            truths.append(wsss_semantic(example, args.num_foreground, ground_truth))
     report = {"examples": count, "seconds": time.perf_counter() - start, "threshold": args.threshold}
     if cams:
         report.update(threshold_sweep(cams, labels, truths, args.sweep))

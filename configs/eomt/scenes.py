@@ -7,7 +7,7 @@ Argument "runlocal": a tiny model on 64 px scenes for a few minutes on a CPU; ot
 """
 import ml_collections
 
-from jaxseg.train.sharding import DEFAULT_RULES
+from jaxseg.train.config_lib import add_training_defaults, scenes_dataset
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -16,10 +16,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown config argument {arg!r}; valid: '' or 'runlocal'")
     config = ml_collections.ConfigDict()
     config.task = "eomt"
-    config.seed = 0
-    config.dataset = ml_collections.ConfigDict(dict(
-        name="jaxseg_scenes", data_dir="", image_size=64 if runlocal else 128,
-        num_train=400 if runlocal else 2000, num_val=48 if runlocal else 500))
+    config.dataset = scenes_dataset(runlocal)
     width, depth = (64, 4) if runlocal else (192, 8)
     config.model = ml_collections.ConfigDict(dict(
         encoder=dict(width=width, depth=depth, num_heads=4 if runlocal else 6, mlp_dim=4 * width,
@@ -36,8 +33,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.warmup = (20, 20) if runlocal else (500, 1000)
     config.layer_decay = 1.0
     config.clip_norm = 1.0
-    config.log_every = 25 if runlocal else 100
-    config.checkpoint_every = 100 if runlocal else 1000
-    config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
-    config.sharding_rules = DEFAULT_RULES
+    add_training_defaults(config, runlocal=runlocal)
     return config

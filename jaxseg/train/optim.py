@@ -107,3 +107,40 @@ def eomt_optimizer(params, *, total_steps: int, depth: int, lr: float = 1e-4, we
                  "backbone": warmup_poly(lr, total_steps, warmup[1], frozen_steps=warmup[0], power=power)}
     return adamw_groups(labels, layer_decay(params, depth, layer_decay_rate), schedules,
                         weight_decay=weight_decay, clip_norm=clip_norm)
+
+
+def timm_cosine_per_epoch(base_lr: float, steps_per_epoch: int, epochs: int, *, warmup_epochs: int = 5,
+                          warmup_lr: float = 1e-6, min_lr: float = 1e-5) -> Schedule:
+    """WeakTr stage 1's schedule: timm's CosineLRScheduler (t in epochs, warm-up not prefixed) stepped
+    once per epoch after it ends, so epoch e trains at lr(max(e - 1, 0)) and epoch 0 at the warm-up start."""
+    def schedule(step):
+        epoch = jnp.maximum(jnp.asarray(step, jnp.int32) // steps_per_epoch - 1, 0).astype(jnp.float32)
+        warm = warmup_lr + epoch * (base_lr - warmup_lr) / max(warmup_epochs, 1)
+        cosine = min_lr + 0.5 * (base_lr - min_lr) * (1 + jnp.cos(jnp.pi * epoch / epochs))
+        return jnp.where(epoch < warmup_epochs, warm, cosine)
+    return schedule
+
+
+def weaktr_cam_optimizer(params, *, steps_per_epoch: int, epochs: int, lr: float, weight_decay: float = 0.03,
+                         warmup_epochs: int = 5, warmup_lr: float = 1e-6, min_lr: float = 1e-5
+                         ) -> optax.GradientTransformation:
+    """WeakTr stage 1: AdamW (eps 1e-8, wd 0.03 on every parameter) on the per-epoch timm cosine."""
+    labels = jax.tree_util.tree_map(lambda _: "all", params)
+    schedule = timm_cosine_per_epoch(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs,
+                                     warmup_lr=warmup_lr, min_lr=min_lr)
+    return adamw_groups(labels, jax.tree_util.tree_map(lambda _: 1.0, params), {"all": schedule},
+                        weight_decay=weight_decay)
+
+
+def segmenter_optimizer(params, *, total_steps: int, lr: float = 1e-4, min_lr: float = 1e-5,
+                        encoder_multiplier: float = 0.1, momentum: float = 0.9, power: float = 0.9,
+                        weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """WeakTr stage 2 (Segmenter's recipe): SGD with Nesterov momentum 0.9, per-iteration poly decay
+    (lr - min_lr) (1 - t / T)^0.9 + min_lr, encoder parameters at 0.1x that rate."""
+    multipliers = jax.tree_util.tree_map(lambda name: encoder_multiplier if name.startswith("encoder/")
+                                         else 1.0, path_names(params))
+    labels = jax.tree_util.tree_map(lambda _: "all", params)
+    schedule = optax.polynomial_schedule(lr, min_lr, power, total_steps)
+    return optax.chain(optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+                       optax.trace(decay=momentum, nesterov=True),
+                       scale_by_group_schedule(labels, multipliers, {"all": schedule}))

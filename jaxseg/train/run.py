@@ -6,14 +6,13 @@ import importlib.util
 import json
 import pathlib
 
+import jax
 import ml_collections
 
 from jaxseg.losses.mask_classification import SetLossConfig
 from jaxseg.train.tasks import EomtTask
+from jaxseg.train.wsss_tasks import PseudoLabelSource, SegmenterTask, WeakTrCamTask
 from jaxseg.train.trainer import TrainConfig, Trainer
-
-TASKS = ("eomt",)
-
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/config.py[:arg]` -> the file's get_config(arg)."""
@@ -50,8 +49,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         node[leaf] = value
 
 
-def scenes_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-    """(train, validation) random-access sources of the configured scenes build, built on first use."""
+def scenes_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+    """{split: random-access source} of the configured scenes build, built on first use."""
     import tensorflow_datasets as tfds
 
     from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
@@ -63,33 +62,55 @@ def scenes_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path):
     builder_config = scenes_config(image_size=dataset.image_size, num_train=dataset.num_train,
                                    num_val=dataset.num_val)
     JaxsegScenes(config=builder_config, data_dir=data_dir).download_and_prepare(file_format="array_record")
-    return tuple(tfds.data_source(f"jaxseg_scenes/{builder_config.name}", data_dir=data_dir, split=split)
-                 for split in ("train", "validation"))
+    return {split: tfds.data_source(f"jaxseg_scenes/{builder_config.name}", data_dir=data_dir, split=split)
+            for split in ("train", "validation")}
 
 
-def eomt_task(config: ml_collections.ConfigDict, source, eval_source=None) -> EomtTask:
+def _model(config: ml_collections.ConfigDict) -> dict:
     model = config.model.to_dict()
     model["encoder"]["posemb_grid"] = tuple(model["encoder"]["posemb_grid"])
-    return EomtTask(model=model, source=source, total_steps=config.total_steps, batch_size=config.batch_size,
+    return model
+
+
+def eomt_task(config: ml_collections.ConfigDict, sources: dict) -> EomtTask:
+    return EomtTask(model=_model(config), source=sources[config.dataset.train_split],
+                    total_steps=config.total_steps, batch_size=config.batch_size,
                     crop_size=config.crop_size, scale_range=tuple(config.scale_range),
                     color_jitter=config.color_jitter, lr=config.lr, warmup=tuple(config.warmup),
                     layer_decay=config.layer_decay, clip_norm=config.clip_norm,
-                    loss_config=SetLossConfig(num_points=config.num_points), eval_source=eval_source,
-                    eval_batch_size=config.get("eval_batch_size", 8))
+                    loss_config=SetLossConfig(num_points=config.num_points),
+                    eval_source=sources[config.dataset.eval_split], eval_batch_size=config.eval_batch_size)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    workdir = pathlib.Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise NotADirectoryError(f"workdir {workdir} exists and is not a directory")
-    if config.task not in TASKS:
-        raise ValueError(f"task {config.task!r} is not available; valid: {TASKS}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    train, validation = scenes_sources(config, workdir)
-    task = eomt_task(config, train, validation)
-    trainer = Trainer(task, train_config(config), workdir, config_to_save=json.loads(config.to_json()))
-    trainer.run()
-    return trainer.eval_results
+def weaktr_cam_task(config: ml_collections.ConfigDict, sources: dict) -> WeakTrCamTask:
+    return WeakTrCamTask(model=_model(config), source=sources[config.dataset.train_split],
+                         total_steps=config.total_steps, steps_per_epoch=config.steps_per_epoch,
+                         batch_size=config.batch_size, crop_size=config.crop_size, lr=config.lr,
+                         weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
+                         warmup_lr=config.warmup_lr, min_lr=config.min_lr,
+                         ground_truth=config.dataset.ground_truth,
+                         eval_source=sources[config.dataset.eval_split], eval_scales=tuple(config.eval_scales))
+
+
+def segmenter_task(config: ml_collections.ConfigDict, sources: dict) -> SegmenterTask:
+    train = sources[config.dataset.train_split]
+    ground_truth = config.dataset.ground_truth
+    if config.pseudo_labels_dir:
+        train, ground_truth = PseudoLabelSource(train, config.pseudo_labels_dir), "wsss"
+    elif config.clipping:
+        raise ValueError("the gradient-clipping loss is for pseudo-labels: set pseudo_labels_dir (written by "
+                         "tools/make_pseudo_labels.py) or clipping=False to train on ground truth")
+    return SegmenterTask(model=_model(config), source=train, total_steps=config.total_steps,
+                         batch_size=config.batch_size, crop_size=config.crop_size, base_size=config.base_size,
+                         num_foreground=config.num_foreground, lr=config.lr, min_lr=config.min_lr,
+                         encoder_multiplier=config.encoder_multiplier, clipping=config.clipping,
+                         clip_cell_size=config.clip_cell_size, start_value=config.start_value,
+                         ground_truth=ground_truth, readout_weights=tuple(config.readout_weights),
+                         eval_ground_truth=config.dataset.ground_truth,
+                         eval_source=sources[config.dataset.eval_split], eval_batch_size=config.eval_batch_size)
+
+
+TASKS = {"eomt": eomt_task, "weaktr_cam": weaktr_cam_task, "segmenter": segmenter_task}
 
 
 def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
@@ -98,3 +119,19 @@ def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
                        init_checkpoint=config.get("init_checkpoint", ""),
                        init_into=config.get("init_into", ""), mesh=tuple(map(tuple, config.mesh)),
                        rules=tuple(config.sharding_rules))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"workdir {workdir} exists and is not a directory")
+    if config.task not in TASKS:
+        raise ValueError(f"task {config.task!r} is not available; valid: {sorted(TASKS)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    task = TASKS[config.task](config, scenes_sources(config, workdir))
+    saved_config = json.loads(config.to_json())
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(saved_config, indent=1))
+    trainer = Trainer(task, train_config(config), workdir, config_to_save=saved_config)
+    trainer.run()
+    return trainer.eval_results

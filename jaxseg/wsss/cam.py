@@ -27,6 +27,14 @@ Array = jax.Array
 CamFn = Callable[[Array], tuple[Array, Array]]
 
 
+def foreground_labels(semantic, num_foreground: int) -> np.ndarray:
+    """Category ids -> WSSS labels when the first `num_foreground` categories are the foreground (the
+    scenes' things, COCO panoptic's 80 things): category c -> c + 1, other categories -> 0 (background),
+    255 kept."""
+    semantic = np.asarray(semantic).astype(np.int64)
+    return np.where(semantic == 255, 255, np.where(semantic < num_foreground, semantic + 1, 0))
+
+
 def refine(fused_cam: Array, patch_attention: Array) -> Array:
     """R = PA . M: (B, C, h, w) and (B, P, P) -> (B, C, h, w), R[b, c, i] = sum_j PA[b, i, j] M[b, c, j]."""
     batch, classes = fused_cam.shape[:2]

@@ -1,0 +1,210 @@
+"""Weakly supervised segmentation as trainer `Task`s: WeakTr / MCTformer stage 1 (CAMs from image-level
+labels) and the Segmenter of stage 2 (trained on pseudo-labels with the gradient-clipping loss, or on
+ground truth as the plain Segmenter baseline).
+
+Label spaces. A WSSS dataset has C foreground classes: image labels are (C,) multi-hot and dense labels
+are 0 = background, c + 1 = foreground class c. `ground_truth="categories"` reads datasets whose
+semantic maps hold category ids with the foreground categories first (the generated scenes' things,
+COCO panoptic's 80 things; `labels` is cut to the first C entries), `"wsss"` datasets already in that
+space (VOC).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxseg.data.pipeline import train_dataset
+from jaxseg.data.transforms import normalize_image, weaktr_stage1_example, weaktr_stage2_example
+from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
+from jaxseg.losses.multilabel import cam_loss
+from jaxseg.models.segmenter import Segmenter, combine_readouts
+from jaxseg.models.weaktr import WeakTr
+from jaxseg.train.evaluation import evaluate_semantic
+from jaxseg.train.optim import segmenter_optimizer, weaktr_cam_optimizer
+from jaxseg.wsss.cam import foreground_labels, multiscale_cams, normalize_cams, threshold_sweep
+
+GROUND_TRUTHS = ("categories", "wsss")
+
+
+def wsss_semantic(example: dict, num_foreground: int, ground_truth: str) -> np.ndarray:
+    """(H, W) dense labels of an example in the WSSS label space (module docstring)."""
+    if ground_truth not in GROUND_TRUTHS:
+        raise ValueError(f"ground_truth must be one of {GROUND_TRUTHS}, got {ground_truth!r}")
+    semantic = np.asarray(example["semantic"])[..., 0]
+    return foreground_labels(semantic, num_foreground) if ground_truth == "categories" else semantic
+
+
+class PseudoLabelSource:
+    """A random-access source whose "semantic" maps are replaced by pseudo-label PNGs named
+    `<image_id>.png` in `directory` (what `tools/make_pseudo_labels.py` writes)."""
+
+    def __init__(self, source: Sequence[dict], directory: str | pathlib.Path):
+        self.source, self.directory = source, pathlib.Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"no pseudo-label directory at {self.directory}; write it with "
+                                    f"tools/make_pseudo_labels.py")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        example = dict(self.source[index])
+        path = self.directory / f"{int(example['image_id'])}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"pseudo-label {path} is missing for example {index}")
+        example["semantic"] = np.asarray(Image.open(path))[..., None]
+        return example
+
+
+class _ImageTask:
+    """Init from a crop-sized batch and the grain training pipeline over `transform`."""
+
+    def init_params(self, rng: jax.Array) -> Any:
+        images = jnp.zeros((1, self.crop_size, self.crop_size, 3))
+        return self.network.init({"params": rng}, images)["params"]
+
+    def train_data(self, seed: int):
+        return iter(train_dataset(self.source, self.transform, seed=seed, batch_size=self.batch_size))
+
+
+@dataclasses.dataclass
+class WeakTrCamTask(_ImageTask):
+    """WeakTr (or MCTformer) stage 1 with its recipe: the three soft-margin losses, AdamW (wd 0.03 on all
+    parameters) with timm's per-epoch cosine, timm's training augmentation; evaluation = CAM mIoU over a
+    background-threshold sweep (multi-scale + flip CAMs, refined, normalised)."""
+    model: dict
+    source: Sequence[dict]
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int
+    crop_size: int
+    lr: float
+    weight_decay: float = 0.03
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    ground_truth: str = "categories"
+    eval_source: Sequence[dict] | None = None
+    eval_scales: tuple[float, ...] = (1.0, 1.2)
+    thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 15))
+
+    def __post_init__(self):
+        self.network = WeakTr(**self.model)
+        self.num_classes = self.model["num_classes"]
+        if self.total_steps % self.steps_per_epoch:
+            raise ValueError(f"total_steps {self.total_steps} must be a whole number of epochs of "
+                             f"{self.steps_per_epoch} steps")
+
+    def optimizer(self, params: Any):
+        return weaktr_cam_optimizer(params, steps_per_epoch=self.steps_per_epoch,
+                                    epochs=self.total_steps // self.steps_per_epoch, lr=self.lr,
+                                    weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
+                                    warmup_lr=self.warmup_lr, min_lr=self.min_lr)
+
+    def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array):
+        out = self.network.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+        loss, terms = cam_loss(out, batch["labels"])
+        return loss, terms
+
+    def transform(self, example: dict, rng: np.random.Generator) -> dict:
+        example = {"image": np.asarray(example["image"]),
+                   "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
+        return weaktr_stage1_example(example, rng, size=self.crop_size)
+
+    def evaluate(self, params: Any, mesh: jax.sharding.Mesh, rules) -> dict:
+        """CAM mIoU (background + C classes) of every `eval_source` example at each threshold. Every host
+        computes all of it (images differ in size, so this runs per image, not in global batches)."""
+        if self.eval_source is None:
+            return {}
+
+        @jax.jit
+        def cam_fn(views):
+            out = self.network.apply({"params": params}, views)
+            return out["fused_cam"], out["patch_attention"]
+
+        patch = self.model["encoder"]["patch_size"]
+        cams, labels, truths = [], [], []
+        for i in range(len(self.eval_source)):
+            example = self.eval_source[i]
+            present = np.asarray(example["labels"][:self.num_classes], np.float32)
+            image = normalize_image(np.asarray(example["image"]))
+            summed = multiscale_cams(cam_fn, image, present, patch, self.eval_scales)
+            cams.append(np.asarray(normalize_cams(summed, present)))
+            labels.append(present)
+            truths.append(wsss_semantic(example, self.num_classes, self.ground_truth))
+        sweep = threshold_sweep(cams, labels, truths, self.thresholds)
+        return {"cam_miou": float(sweep["best_miou"]), "best_threshold": float(sweep["best_threshold"]),
+                "cam_miou_curve": [float(v) for v in sweep["miou"]], "thresholds": list(self.thresholds),
+                "examples": len(self.eval_source)}
+
+
+@dataclasses.dataclass
+class SegmenterTask(_ImageTask):
+    """Segmenter on dense labels: WeakTr stage 2 (pseudo-labels, gradient-clipping loss, SGD-Nesterov
+    with the encoder at 0.1x, mmseg augmentation) or, with `clipping=False` and ground truth, the plain
+    Segmenter. Evaluation: single-scale mIoU of the read-out combination `readout_weights`."""
+    model: dict
+    source: Sequence[dict]
+    total_steps: int
+    batch_size: int
+    crop_size: int
+    base_size: int
+    num_foreground: int
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    encoder_multiplier: float = 0.1
+    clipping: bool = True
+    clip_cell_size: int = 120
+    start_value: float = 1.2
+    ground_truth: str = "categories"
+    eval_ground_truth: str = "categories"  # training labels may be pseudo-labels, evaluation reads GT
+    readout_weights: tuple[float, ...] = (0.8, 1.0)
+    eval_source: Sequence[dict] | None = None
+    eval_batch_size: int = 8
+
+    def __post_init__(self):
+        self.network = Segmenter(**self.model)
+        if self.model["num_classes"] != self.num_foreground + 1:
+            raise ValueError(f"a WSSS Segmenter has background + {self.num_foreground} classes, the model "
+                             f"has {self.model['num_classes']}")
+
+    def optimizer(self, params: Any):
+        return segmenter_optimizer(params, total_steps=self.total_steps, lr=self.lr, min_lr=self.min_lr,
+                                   encoder_multiplier=self.encoder_multiplier)
+
+    def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array):
+        logits = self.network.apply({"params": params}, batch["image"], train=True,
+                                    rngs={"dropout": rng})[-1]
+        cross_entropy = pixel_cross_entropy(logits, batch["semantic"]).mean()
+        if not self.clipping:
+            return cross_entropy, {"cross_entropy": cross_entropy}
+        loss, kept = gradient_clipping_loss(logits, batch["semantic"], patch_size=self.clip_cell_size,
+                                            start_value=self.start_value)
+        return loss, {"cross_entropy": cross_entropy, "kept_fraction": kept.mean()}
+
+    def transform(self, example: dict, rng: np.random.Generator) -> dict:
+        example = {"image": np.asarray(example["image"]),
+                   "semantic": wsss_semantic(example, self.num_foreground, self.ground_truth).astype(np.uint8)}
+        out = weaktr_stage2_example(example, rng, crop=self.crop_size, base=self.base_size)
+        return {"image": out["image"], "semantic": out["semantic"].astype(np.int32)}
+
+    def predict_semantic(self, params: Any, images: jax.Array) -> jax.Array:
+        logits = self.network.apply({"params": params}, images)
+        return jnp.argmax(combine_readouts(logits, self.readout_weights), axis=-1)
+
+    def evaluate(self, params: Any, mesh: jax.sharding.Mesh, rules) -> dict:
+        if self.eval_source is None:
+            return {}
+
+        def eval_example(example):
+            return {"image": normalize_image(np.asarray(example["image"])),
+                    "semantic": wsss_semantic(example, self.num_foreground, self.eval_ground_truth)}
+        return evaluate_semantic(self.predict_semantic, params, self.eval_source, eval_example,
+                                 self.num_foreground + 1, batch_size=self.eval_batch_size, mesh=mesh,
+                                 rules=rules)
