@@ -192,7 +192,9 @@ class Trainer:
 
     def _guard(self, metrics: dict, step: int, batch: dict) -> None:
         if not np.isfinite(metrics["loss"]):
-            path = self.workdir / f"nonfinite_batch_step{step}.npz"
+            # Each host saves its own share of the batch, under its own name.
+            host = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
+            path = self.workdir / f"nonfinite_batch_step{step}{host}.npz"
             np.savez(path, **{k: np.asarray(v) for k, v in batch.items()})
             self.checkpointer.wait_until_finished()
             raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; the batch is saved in {path}")
