@@ -97,6 +97,7 @@ class WeakTrCamTask(_ImageTask):
     def __post_init__(self):
         self.network = WeakTr(**self.model)
         self.num_classes = self.model["num_classes"]
+        self._cams = jax.jit(self._cam_outputs)  # one compilation per input size, across evaluations
         if self.total_steps % self.steps_per_epoch:
             raise ValueError(f"total_steps {self.total_steps} must be a whole number of epochs of "
                              f"{self.steps_per_epoch} steps")
@@ -117,16 +118,18 @@ class WeakTrCamTask(_ImageTask):
                    "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
         return weaktr_stage1_example(example, rng, size=self.crop_size)
 
+    def _cam_outputs(self, params: Any, views: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = self.network.apply({"params": params}, views)
+        return out["fused_cam"], out["patch_attention"]
+
     def evaluate(self, params: Any, mesh: jax.sharding.Mesh, rules) -> dict:
         """CAM mIoU (background + C classes) of every `eval_source` example at each threshold. Every host
         computes all of it (images differ in size, so this runs per image, not in global batches)."""
         if self.eval_source is None:
             return {}
 
-        @jax.jit
-        def cam_fn(views):
-            out = self.network.apply({"params": params}, views)
-            return out["fused_cam"], out["patch_attention"]
+        def cam_fn(views):  # params as an argument, not baked into the program as constants
+            return self._cams(params, views)
 
         patch = self.model["encoder"]["patch_size"]
         cams, labels, truths = [], [], []
