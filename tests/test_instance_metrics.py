@@ -220,3 +220,15 @@ def test_bad_inputs():
         accumulator.update(instance_stats(**{**image, "pred_classes": np.array([1, 5])}))
     with pytest.raises(ValueError, match="area_ranges must be 4"):
         accumulator.evaluate(area_ranges=COCO_AREA_RANGES[:3])
+
+
+def test_image_without_ground_truth_counts_its_detections():
+    accumulator = InstanceAccumulator(2)
+    masks = np.zeros((1, 4, 4), bool)
+    masks[0, :2, :2] = True
+    accumulator.update(instance_stats(masks, np.array([0]), np.array([0.9]), np.zeros((0, 4, 4), bool),
+                                      np.zeros(0, np.int32), np.zeros(0, bool)))
+    gt = masks.copy()  # a second image whose one instance is found
+    accumulator.update(instance_stats(masks, np.array([0]), np.array([0.8]), gt, np.array([0]), np.array([0])))
+    # The higher-scored detection is a false positive: precision 1/2 at full recall, as COCOeval.
+    assert accumulator.evaluate()["AP"] == pytest.approx(0.5)

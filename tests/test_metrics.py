@@ -414,3 +414,12 @@ def test_panoptic_stats_bad_inputs():
     voided = bad_ids.copy()
     voided[0, 0] = 0
     assert_stats_equal(call(image, jitted, pred_ids=bad_ids), call(image, pred_ids=voided))
+
+
+def test_panoptic_stats_of_an_image_without_ground_truth_segments():
+    # Every predicted segment on void: excused, so nothing counts (panopticapi: same).
+    pred_ids = np.array([[1, 1], [0, 2]], np.int32)
+    stats = panoptic_stats(pred_ids, np.array([0, 1]), np.zeros((2, 2), np.int32), np.zeros(0, np.int32),
+                           np.zeros(0, bool), 3)
+    for key in ("iou_sum", "tp", "fp", "fn"):
+        np.testing.assert_array_equal(stats[key], 0)

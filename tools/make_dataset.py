@@ -2,6 +2,11 @@
 
     python tools/make_dataset.py scenes --data_dir DIR [--num_train 2000 --num_val 500
         --image_size 128 --seed 0 --name NAME --workers N --overwrite]
+    python tools/make_dataset.py {voc,ade20k,cityscapes,coco_panoptic} --manual_dir DOWNLOADS --data_dir DIR
+
+The official datasets are read from their extracted downloads in DOWNLOADS (the layout each expects is
+in its builder's MANUAL_DOWNLOAD_INSTRUCTIONS, jaxseg/data/builders/; a missing file is named with the
+archive it comes from) and land in DIR/jaxseg_<name>/<version>; one already there is reused.
 
 (or `python -m tools.make_dataset ...` from the repository root). With the default values it builds
 the built-in config `jaxseg_scenes/default`; other values get a config named after them (or --name).
@@ -23,6 +28,7 @@ from absl import logging as absl_logging
 from etils import epath
 
 from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
+from jaxseg.data.datasets import MANUAL_BUILDERS, manual_builder
 
 
 def _size_on_disk(path: epath.Path) -> int:
@@ -51,8 +57,8 @@ def _differences(stored: dict | None, wanted: dict, prefix: str = "") -> list[st
     return lines
 
 
-def _report(builder: JaxsegScenes, data_dir: str, seconds: float | None) -> None:
-    name = f"{builder.name}/{builder.builder_config.name}"
+def _report(builder, data_dir: str, seconds: float | None) -> None:
+    name = f"{builder.name}/{builder.builder_config.name}" if builder.builder_config else builder.name
     counts = ", ".join(f"{split} {info.num_examples}" for split, info in sorted(builder.info.splits.items()))
     size = _size_on_disk(builder.data_path) / 2**20
     when = "already built" if seconds is None else f"built in {seconds:.1f} s"
@@ -92,6 +98,23 @@ def build_scenes(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_manual(args: argparse.Namespace) -> int:
+    builder = manual_builder(f"jaxseg_{args.dataset}", args.data_dir, args.manual_dir, num_workers=args.workers)
+    if builder.is_prepared():
+        _report(builder, args.data_dir, None)
+        return 0
+    with tempfile.TemporaryDirectory() as downloads:
+        start = time.perf_counter()
+        try:
+            builder.download_and_prepare(download_dir=downloads, file_format="array_record")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        seconds = time.perf_counter() - start
+    _report(builder, args.data_dir, seconds)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     datasets = parser.add_subparsers(dest="dataset", required=True)
@@ -105,10 +128,16 @@ def main(argv=None) -> int:
     scenes.add_argument("--workers", type=int, help="generating processes (default: one per CPU)")
     scenes.add_argument("--overwrite", action="store_true",
                         help="delete and rebuild an existing dataset of the same config name")
+    for name in MANUAL_BUILDERS:
+        short = name.removeprefix("jaxseg_")
+        official = datasets.add_parser(short, help=f"{name}, from its extracted official downloads")
+        official.add_argument("--manual_dir", "--manual-dir", required=True, help="the extracted downloads")
+        official.add_argument("--data_dir", "--data-dir", required=True, help="TFDS data directory")
+        official.add_argument("--workers", type=int, help="decoding processes (default: one per CPU)")
     args = parser.parse_args(argv)
     # TFDS logs the whole config object as a warning for every config that is not built in.
     absl_logging.set_verbosity(absl_logging.ERROR)
-    return build_scenes(args)
+    return build_scenes(args) if args.dataset == "scenes" else build_manual(args)
 
 
 if __name__ == "__main__":

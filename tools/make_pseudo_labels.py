@@ -20,28 +20,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from jaxseg.data.datasets import image_name
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.ops.image import normalize
 from jaxseg.train.checkpoint import restore_params
-from jaxseg.train.wsss_tasks import GROUND_TRUTHS, wsss_semantic
+from jaxseg.train.wsss_tasks import GROUND_TRUTHS, PSEUDO_LABEL_THRESHOLD, wsss_semantic
+from jaxseg.visualize import label_png
 from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, threshold_sweep
-
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (bit-interleaved RGB per label), 256 entries."""
-    palette = []
-    for label in range(256):
-        r = g = b = 0
-        for shift in range(8):
-            r |= ((label >> 0) & 1) << (7 - shift)
-            g |= ((label >> 1) & 1) << (7 - shift)
-            b |= ((label >> 2) & 1) << (7 - shift)
-            label >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def main(argv=None) -> int:
@@ -57,7 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ground_truth", choices=GROUND_TRUTHS,
                         help="label space of the dataset's semantic maps (default: the run's config)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.2])
-    parser.add_argument("--threshold", type=float, default=0.43, help="background threshold of the PNGs")
+    parser.add_argument("--threshold", type=float, default=PSEUDO_LABEL_THRESHOLD,
+                        help="background threshold of the PNGs")
     parser.add_argument("--sweep", type=float, nargs="+", default=[round(0.05 * i, 2) for i in range(2, 15)])
     parser.add_argument("--limit", type=int, help="only the first N examples")
     parser.add_argument("--overwrite", action="store_true")
@@ -98,7 +85,6 @@ def main(argv=None) -> int:
         out = model.apply({"params": params}, views)
         return out["fused_cam"], out["patch_attention"]
 
-    palette = voc_palette()
     count = min(len(source), args.limit or len(source))
     cams, labels, truths = [], [], []
     start = time.perf_counter()
@@ -107,10 +93,8 @@ def main(argv=None) -> int:
         image = normalize(example["image"].astype(np.float32) / 255)
         present = np.asarray(example["labels"][:args.num_foreground], np.float32)
         normalized = normalize_cams(multiscale_cams(cam_fn, image, present, patch, args.scales), present)
-        label_map = np.asarray(pseudo_label(normalized, present, args.threshold), np.uint8)
-        png = Image.fromarray(label_map, mode="P")
-        png.putpalette(palette)
-        png.save(out_dir / f"{int(example.get('image_id', i))}.png")
+        label_map = np.asarray(pseudo_label(normalized, present, args.threshold))
+        label_png(label_map).save(out_dir / f"{image_name(example, i)}.png")
         if "semantic" in example:
             cams.append(np.asarray(normalized))
             labels.append(present)

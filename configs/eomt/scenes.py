@@ -7,7 +7,7 @@ Argument "runlocal": a tiny model on 64 px scenes for a few minutes on a CPU; ot
 """
 import ml_collections
 
-from jaxseg.train.config_lib import add_training_defaults, scenes_dataset
+from jaxseg.train.config_lib import SCENES_CLASSES, SCENES_THINGS, add_training_defaults, scenes_dataset
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -22,7 +22,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         encoder=dict(width=width, depth=depth, num_heads=4 if runlocal else 6, mlp_dim=4 * width,
                      patch_size=8, posemb_grid=(8, 8) if runlocal else (16, 16), num_registers=4,
                      posemb_covers_prefix=False),
-        num_classes=9, num_queries=16 if runlocal else 32, num_query_blocks=2))
+        num_classes=SCENES_CLASSES, num_queries=16 if runlocal else 32, num_query_blocks=2))
+    config.segmentation = "panoptic"
+    config.num_things = SCENES_THINGS
+    config.max_segments = 32
     config.total_steps = 300 if runlocal else 20_000
     config.batch_size = 8 if runlocal else 16
     config.crop_size = 64 if runlocal else 128

@@ -112,8 +112,9 @@ def instance_stats(pred_masks: jax.Array, pred_classes: jax.Array, pred_scores: 
 @jax.jit
 def _instance_stats(pred_masks, pred_classes, pred_scores, gt_masks, gt_classes, gt_iscrowd, pred_valid,
                     gt_valid):
-    pred = pred_masks.reshape(pred_masks.shape[0], -1).astype(jnp.bfloat16)
-    gt = gt_masks.reshape(gt_masks.shape[0], -1).astype(jnp.bfloat16)
+    pixels = pred_masks.shape[1] * pred_masks.shape[2]  # explicit: -1 cannot be inferred for 0 masks
+    pred = pred_masks.reshape(pred_masks.shape[0], pixels).astype(jnp.bfloat16)
+    gt = gt_masks.reshape(gt_masks.shape[0], pixels).astype(jnp.bfloat16)
     # A matmul on the accelerator's fast path, yet exact: 0 and 1 survive any input rounding and the
     # float32 sums stay integers below 2**24.
     intersection = jnp.einsum("np,gp->ng", pred, gt, preferred_element_type=jnp.float32)

@@ -151,8 +151,10 @@ def _panoptic_stats(pred_ids, pred_categories, pred_valid, gt_ids, gt_categories
     crowd = gt_is_segment & gt_iscrowd
     last_crowd = jnp.full(num_categories, -1, jnp.int32).at[gt_cat].max(
         jnp.where(crowd, jnp.arange(num_gt, dtype=jnp.int32), -1))[pred_cat]        # (S,)
-    on_crowd = jnp.where(last_crowd >= 0,
-                         overlap[jnp.maximum(last_crowd, 0), jnp.arange(num_pred)], 0)
+    if num_gt:
+        on_crowd = jnp.where(last_crowd >= 0, overlap[jnp.maximum(last_crowd, 0), jnp.arange(num_pred)], 0)
+    else:  # an image without ground-truth segments (nothing to gather from)
+        on_crowd = jnp.zeros(num_pred, overlap.dtype)
     excused = 2 * (pred_on_void + on_crowd) > pred_area
     false_positive = (pred_area > 0) & ~pred_matched & ~excused
 

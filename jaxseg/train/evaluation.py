@@ -1,39 +1,36 @@
-"""Dataset-level evaluation inside a (possibly multi-host) run: each host reads its share of the split
-through `eval_dataset` (padded batches carry `_valid = False`), batches become global arrays, and the
-per-batch statistics are summed on device into a replicated result, so every host gets the same totals
-and padding never counts."""
+"""Dataset-level evaluation one image at a time, at each image's own size (datasets' images differ in
+size, so they are not batched). Every host runs every image in step: the params may be sharded over
+all hosts, so each forward pass needs all of them; the totals are then the same on every host."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxseg.data.pipeline import VALID_KEY, eval_dataset, global_batch
 from jaxseg.metrics import confusion_matrix, miou_from_confusion
-from jaxseg.train.sharding import DEFAULT_RULES
 
-# (params, images (B, H, W, 3) float) -> (B, H, W) integer class map
-SemanticPredictFn = Callable[[Any, jax.Array], jax.Array]
+# (params, uint8 (H, W, 3) image) -> {"semantic": (H, W) class map, ...}: a task's `infer`.
+InferFn = Callable[..., dict]
 
 
-def evaluate_semantic(predict: SemanticPredictFn, params: Any, source: Sequence[dict],
-                      transform: Callable[[dict], dict], num_classes: int, *, batch_size: int,
-                      mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> dict:
-    """mIoU (label 255 ignored) over every example of `source`; `transform` maps an example to
-    {"image": float (H, W, 3), "semantic": (H, W) int}."""
-    @jax.jit
-    def batch_confusion(params, batch):
-        predictions = predict(params, batch["image"])
-        counts = confusion_matrix(batch["semantic"], predictions, num_classes, weights=batch[VALID_KEY])
-        return jax.lax.with_sharding_constraint(counts, NamedSharding(mesh, PartitionSpec()))
+def defined(value: float) -> float | None:
+    """A metric for JSON: None where it is undefined (NaN, e.g. the IoU of a class never seen)."""
+    return None if np.isnan(value) else float(value)
 
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    for local in eval_dataset(source, transform, batch_size=batch_size):
-        batch = global_batch({k: local[k] for k in ("image", "semantic", VALID_KEY)}, mesh, rules)
-        confusion += np.asarray(batch_confusion(params, batch), np.int64)
+
+def semantic_results(confusion: np.ndarray) -> dict:
     result = miou_from_confusion(confusion)
     return {"mean_iou": float(result["mean_iou"]), "pixel_accuracy": float(result["pixel_accuracy"]),
-            "per_class_iou": [None if np.isnan(v) else float(v) for v in result["per_class_iou"]],
-            "examples": len(source)}
+            "per_class_iou": [defined(v) for v in result["per_class_iou"]]}
+
+
+def evaluate_semantic(infer: InferFn, params: Any, source: Sequence[dict],
+                      ground_truth: Callable[[dict], np.ndarray], num_classes: int) -> dict:
+    """mIoU (label 255 ignored) of `infer`'s "semantic" maps over every example of `source` against
+    `ground_truth(example)` ((H, W) labels)."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for index in range(len(source)):
+        example = source[index]
+        prediction = infer(params, np.asarray(example["image"]))["semantic"]
+        confusion += np.asarray(confusion_matrix(ground_truth(example), prediction, num_classes), np.int64)
+    return dict(semantic_results(confusion), examples=len(source))

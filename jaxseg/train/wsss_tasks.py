@@ -19,17 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from jaxseg.data.datasets import image_name
 from jaxseg.data.pipeline import train_dataset
 from jaxseg.data.transforms import normalize_image, weaktr_stage1_example, weaktr_stage2_example
+from jaxseg.inference.semantic import multiscale_flip_probs
 from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
 from jaxseg.losses.multilabel import cam_loss
 from jaxseg.models.segmenter import Segmenter, combine_readouts
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.train.evaluation import evaluate_semantic
 from jaxseg.train.optim import segmenter_optimizer, weaktr_cam_optimizer
-from jaxseg.wsss.cam import foreground_labels, multiscale_cams, normalize_cams, threshold_sweep
+from jaxseg.wsss.cam import foreground_labels, multiscale_cams, normalize_cams, pseudo_label, threshold_sweep
 
 GROUND_TRUTHS = ("categories", "wsss")
+# Background threshold of the pseudo-labels (WeakTr's choice for VOC): `tools/make_pseudo_labels.py` and
+# `WeakTrCamTask.infer`.
+PSEUDO_LABEL_THRESHOLD = 0.43
 
 
 def wsss_semantic(example: dict, num_foreground: int, ground_truth: str) -> np.ndarray:
@@ -42,7 +47,8 @@ def wsss_semantic(example: dict, num_foreground: int, ground_truth: str) -> np.n
 
 class PseudoLabelSource:
     """A random-access source whose "semantic" maps are replaced by pseudo-label PNGs named
-    `<image_id>.png` in `directory` (what `tools/make_pseudo_labels.py` writes)."""
+    `<image name>.png` (`jaxseg.data.datasets.image_name`) in `directory` (what
+    `tools/make_pseudo_labels.py` writes)."""
 
     def __init__(self, source: Sequence[dict], directory: str | pathlib.Path):
         self.source, self.directory = source, pathlib.Path(directory)
@@ -55,7 +61,7 @@ class PseudoLabelSource:
 
     def __getitem__(self, index: int) -> dict:
         example = dict(self.source[index])
-        path = self.directory / f"{int(example['image_id'])}.png"
+        path = self.directory / f"{image_name(example, index)}.png"
         if not path.is_file():
             raise FileNotFoundError(f"pseudo-label {path} is missing for example {index}")
         example["semantic"] = np.asarray(Image.open(path))[..., None]
@@ -93,6 +99,7 @@ class WeakTrCamTask(_ImageTask):
     eval_source: Sequence[dict] | None = None
     eval_scales: tuple[float, ...] = (1.0, 1.2)
     thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 15))
+    threshold: float = PSEUDO_LABEL_THRESHOLD  # of `infer`'s label maps
 
     def __post_init__(self):
         self.network = WeakTr(**self.model)
@@ -118,27 +125,55 @@ class WeakTrCamTask(_ImageTask):
                    "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
         return weaktr_stage1_example(example, rng, size=self.crop_size)
 
-    def _cam_outputs(self, params: Any, views: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _cam_outputs(self, params: Any, views: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         out = self.network.apply({"params": params}, views)
-        return out["fused_cam"], out["patch_attention"]
+        # Both image-level heads are trained by the same multi-label loss: their mean is the prediction.
+        probs = (jax.nn.sigmoid(out["cls_logits"]) + jax.nn.sigmoid(out["coarse_logits"])) / 2
+        return out["fused_cam"], out["patch_attention"], probs
+
+    def normalized_cams(self, params: Any, image: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """(C, H, W) multi-scale + flip CAMs of a uint8 (H, W, 3) image over `eval_scales`, refined and
+        min-max normalised per present class ((C,) multi-hot `present`; absent classes are 0)."""
+        def cam_fn(views):  # params as an argument, not baked into the program as constants
+            return self._cams(params, views)[:2]
+
+        summed = multiscale_cams(cam_fn, normalize_image(image), present, self.model["encoder"]["patch_size"],
+                                 self.eval_scales)
+        return np.asarray(normalize_cams(summed, present))
+
+    def predicted_labels(self, params: Any, image: np.ndarray) -> np.ndarray:
+        """(C,) multi-hot of the classes the model finds in a uint8 (H, W, 3) image: mean sigmoid of the
+        class-token and coarse-CAM logits > 0.5, from the image cropped to whole patches (the view
+        `multiscale_cams` passes at scale 1: with 1.0 in `eval_scales` no extra compilation)."""
+        patch = self.model["encoder"]["patch_size"]
+        rows, cols = image.shape[0] // patch * patch, image.shape[1] // patch * patch
+        if rows == 0 or cols == 0:
+            raise ValueError(f"the {image.shape[0]}x{image.shape[1]} image is smaller than one {patch} px "
+                             f"patch")
+        probs = self._cams(params, normalize_image(image)[None, :rows, :cols])[2][0]
+        return (np.asarray(probs) > 0.5).astype(np.float32)
+
+    def infer(self, params: Any, image: np.ndarray, labels: np.ndarray | None = None) -> dict:
+        """One uint8 (H, W, 3) image -> {"semantic": (H, W) pseudo-label map at `threshold` (0 background,
+        c + 1 class c), "cams": (C, H, W) normalised CAMs}. `labels`: image-level multi-hot labels (cut to
+        the C classes as in `evaluate`); None: the classes the model predicts present."""
+        if labels is None:
+            present = self.predicted_labels(params, image)
+        else:
+            present = np.asarray(labels[:self.num_classes], np.float32)
+        cams = self.normalized_cams(params, image, present)
+        return {"semantic": np.asarray(pseudo_label(cams, present, self.threshold)), "cams": cams}
 
     def evaluate(self, params: Any, mesh: jax.sharding.Mesh, rules) -> dict:
         """CAM mIoU (background + C classes) of every `eval_source` example at each threshold. Every host
         computes all of it (images differ in size, so this runs per image, not in global batches)."""
         if self.eval_source is None:
             return {}
-
-        def cam_fn(views):  # params as an argument, not baked into the program as constants
-            return self._cams(params, views)
-
-        patch = self.model["encoder"]["patch_size"]
         cams, labels, truths = [], [], []
         for i in range(len(self.eval_source)):
             example = self.eval_source[i]
             present = np.asarray(example["labels"][:self.num_classes], np.float32)
-            image = normalize_image(np.asarray(example["image"]))
-            summed = multiscale_cams(cam_fn, image, present, patch, self.eval_scales)
-            cams.append(np.asarray(normalize_cams(summed, present)))
+            cams.append(self.normalized_cams(params, np.asarray(example["image"]), present))
             labels.append(present)
             truths.append(wsss_semantic(example, self.num_classes, self.ground_truth))
         sweep = threshold_sweep(cams, labels, truths, self.thresholds)
@@ -169,10 +204,11 @@ class SegmenterTask(_ImageTask):
     eval_ground_truth: str = "categories"  # training labels may be pseudo-labels, evaluation reads GT
     readout_weights: tuple[float, ...] = (0.8, 1.0)
     eval_source: Sequence[dict] | None = None
-    eval_batch_size: int = 8
+    infer_scales: tuple[float, ...] = (1.0,)  # of `infer`, relative to `base_size`
 
     def __post_init__(self):
         self.network = Segmenter(**self.model)
+        self._window_scores = jax.jit(self._log_scores)  # params as an argument: one program across calls
         if self.model["num_classes"] != self.num_foreground + 1:
             raise ValueError(f"a WSSS Segmenter has background + {self.num_foreground} classes, the model "
                              f"has {self.model['num_classes']}")
@@ -197,17 +233,29 @@ class SegmenterTask(_ImageTask):
         out = weaktr_stage2_example(example, rng, crop=self.crop_size, base=self.base_size)
         return {"image": out["image"], "semantic": out["semantic"].astype(np.int32)}
 
-    def predict_semantic(self, params: Any, images: jax.Array) -> jax.Array:
-        logits = self.network.apply({"params": params}, images)
-        return jnp.argmax(combine_readouts(logits, self.readout_weights), axis=-1)
+    def _log_scores(self, params: Any, windows: jax.Array) -> jax.Array:
+        """(n, N, h, w) log of the read-out combination of (n, h, w, 3) windows: `multiscale_flip_probs`
+        soft-maxes what it gets, and softmax(log s) = s / sum(s), so the passes average the combined score
+        (normalised by the sum of `readout_weights`)."""
+        scores = combine_readouts(self.network.apply({"params": params}, windows), self.readout_weights)
+        return jnp.moveaxis(jnp.log(scores), -1, 1)
+
+    def infer(self, params: Any, image: np.ndarray, labels: np.ndarray | None = None) -> dict:
+        """One uint8 (H, W, 3) image -> {"semantic": (H, W) int32 map (0 background, c + 1 class c)}:
+        Segmenter's sliding windows (crop_size, stride 2/3 of it) over `infer_scales` x {plain, flipped}
+        with short side scale * base_size. `labels` is not used (image-level labels only steer CAMs)."""
+        def score_fn(windows):
+            return self._window_scores(params, windows)
+
+        probs = multiscale_flip_probs(score_fn, normalize_image(image), self.infer_scales,
+                                      base_short_side=self.base_size, window=self.crop_size,
+                                      stride=self.crop_size * 2 // 3)
+        return {"semantic": np.asarray(jnp.argmax(probs, axis=0), np.int32)}
 
     def evaluate(self, params: Any, mesh: jax.sharding.Mesh, rules) -> dict:
+        """mIoU of `infer` (sliding windows at `infer_scales`) on `eval_source` against its ground truth."""
         if self.eval_source is None:
             return {}
-
-        def eval_example(example):
-            return {"image": normalize_image(np.asarray(example["image"])),
-                    "semantic": wsss_semantic(example, self.num_foreground, self.eval_ground_truth)}
-        return evaluate_semantic(self.predict_semantic, params, self.eval_source, eval_example,
-                                 self.num_foreground + 1, batch_size=self.eval_batch_size, mesh=mesh,
-                                 rules=rules)
+        return evaluate_semantic(self.infer, params, self.eval_source,
+                                 lambda example: wsss_semantic(example, self.num_foreground, self.eval_ground_truth),
+                                 self.num_foreground + 1)

@@ -1,0 +1,196 @@
+"""Predictions as images: palette label PNGs (raw class ids a program can read back), COCO-style
+RGB-encoded panoptic PNGs, and overlays of semantic, panoptic and CAM predictions on the image for
+people. `write_predictions` runs a task's `infer` over images and writes all of them."""
+from __future__ import annotations
+
+import colorsys
+import json
+import pathlib
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from jaxseg.data.datasets import image_name
+
+BORDER_COLOR = (255, 255, 255)
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved RGB per label), 256 entries."""
+    palette = []
+    for label in range(256):
+        r = g = b = 0
+        for shift in range(8):
+            r |= ((label >> 0) & 1) << (7 - shift)
+            g |= ((label >> 1) & 1) << (7 - shift)
+            b |= ((label >> 2) & 1) << (7 - shift)
+            label >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+_PALETTE = np.asarray(voc_palette(), np.uint8).reshape(256, 3)
+
+
+def _check_labels(label_map, what: str) -> np.ndarray:
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2 or not np.issubdtype(label_map.dtype, np.integer):
+        raise ValueError(f"{what} must be an (H, W) integer array, got {label_map.dtype} {label_map.shape}")
+    if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
+        raise ValueError(f"{what} holds values in [{label_map.min()}, {label_map.max()}]; a palette PNG "
+                         f"stores 0..255")
+    return label_map
+
+
+def _check_image(image, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"images must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if shape is not None and image.shape[:2] != tuple(shape):
+        raise ValueError(f"the prediction is {tuple(shape)}, the image {image.shape[:2]}")
+    return image
+
+
+def label_png(label_map) -> Image.Image:
+    """(H, W) class ids 0..255 -> palette ("P") image whose pixel values are the ids."""
+    png = Image.fromarray(_check_labels(label_map, "label map").astype(np.uint8), mode="P")
+    png.putpalette(voc_palette())
+    return png
+
+
+def _blend(image: np.ndarray, colors: np.ndarray, painted: np.ndarray, ids: np.ndarray,
+           alpha: float) -> np.ndarray:
+    """`colors` blended into `image` where `painted`, and a line wherever `ids` changes between 4-neighbours
+    (adjacent segments of one colour stay apart)."""
+    out = image.astype(np.float32)
+    out[painted] = (1 - alpha) * out[painted] + alpha * colors[painted]
+    border = np.zeros(ids.shape, bool)
+    border[:-1] |= ids[:-1] != ids[1:]
+    border[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    out[border] = BORDER_COLOR
+    return np.round(out).astype(np.uint8)
+
+
+def overlay(image, label_map, alpha: float = 0.5, ignore: Sequence[int] = (255,)) -> np.ndarray:
+    """uint8 (H, W, 3): the VOC palette colour of each class blended into the image (labels in `ignore`
+    left unpainted), segment borders drawn."""
+    label_map = _check_labels(label_map, "label map")
+    image = _check_image(image, label_map.shape)
+    return _blend(image, _PALETTE[label_map], ~np.isin(label_map, ignore), label_map, alpha)
+
+
+def segment_colors(segments: Sequence[dict]) -> dict[int, np.ndarray]:
+    """{segment id: RGB}: stuff in its category's palette colour, every thing segment its own hue (golden-
+    ratio steps around the colour wheel, so neighbours in the list differ most)."""
+    colors, things = {}, 0
+    for segment in segments:
+        if segment["is_thing"]:
+            hue = (things * 0.618033988749895) % 1.0
+            colors[segment["id"]] = np.asarray(colorsys.hsv_to_rgb(hue, 0.75, 0.95)) * 255
+            things += 1
+        else:
+            colors[segment["id"]] = _PALETTE[segment["category_id"]].astype(np.float64)
+    return colors
+
+
+def panoptic_overlay(image, panoptic_ids, segments: Sequence[dict], alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3) of a panoptic prediction ((H, W) segment ids, 0 = void, described by `segments`):
+    colours of `segment_colors`, void unpainted, segment borders drawn."""
+    panoptic_ids = np.asarray(panoptic_ids)
+    image = _check_image(image, panoptic_ids.shape)
+    colors = segment_colors(segments)
+    ids, inverse = np.unique(panoptic_ids, return_inverse=True)
+    unknown = sorted(int(i) for i in ids if i != 0 and int(i) not in colors)
+    if unknown:
+        raise ValueError(f"segment ids {unknown} of the panoptic map are not in `segments`")
+    table = np.stack([colors.get(int(i), np.zeros(3)) for i in ids])
+    return _blend(image, table[inverse.reshape(panoptic_ids.shape)], panoptic_ids != 0, panoptic_ids, alpha)
+
+
+def jet(values) -> np.ndarray:
+    """(...) values in [0, 1] -> (..., 3) float RGB in [0, 1] of the jet colour map (blue, cyan, yellow,
+    red)."""
+    values = np.asarray(values, np.float32)[..., None]
+    return np.clip(1.5 - np.abs(4 * values - np.asarray([3, 2, 1], np.float32)), 0, 1)
+
+
+def cam_overlay(image, cam, alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3): an (H, W) activation map in [0, 1] in jet colours blended over the whole image."""
+    cam = np.asarray(cam)
+    image = _check_image(image, cam.shape)
+    if cam.size and not (cam.min() >= 0 and cam.max() <= 1):  # NaN fails both comparisons
+        raise ValueError(f"a CAM must lie in [0, 1], got values in [{cam.min()}, {cam.max()}]")
+    out = (1 - alpha) * image.astype(np.float32) + alpha * 255 * jet(cam)
+    return np.round(out).astype(np.uint8)
+
+
+def panoptic_png(panoptic_ids) -> Image.Image:
+    """(H, W) segment ids -> RGB image in COCO's encoding, id = R + 256 G + 256^2 B."""
+    panoptic_ids = np.asarray(panoptic_ids)
+    if panoptic_ids.size and (panoptic_ids.min() < 0 or panoptic_ids.max() >= 256 ** 3):
+        raise ValueError(f"panoptic ids in [{panoptic_ids.min()}, {panoptic_ids.max()}] do not fit 24 bits")
+    ids = panoptic_ids.astype(np.uint32)
+    return Image.fromarray(np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2], -1).astype(np.uint8))
+
+
+def _prediction_files(name: str, image: np.ndarray, prediction: dict) -> dict[str, Any]:
+    """{file name: PIL image or JSON text} of one image's prediction."""
+    semantic = np.asarray(prediction["semantic"])
+    _check_image(image, semantic.shape)
+    files = {f"{name}_semantic.png": label_png(semantic),
+             f"{name}_overlay.png": Image.fromarray(overlay(image, semantic))}
+    if "panoptic" in prediction:
+        segments = [dict(id=int(s["id"]), category_id=int(s["category_id"]), is_thing=bool(s["is_thing"]),
+                         score=float(s["score"])) for s in prediction["segments"]]
+        files[f"{name}_panoptic.png"] = panoptic_png(prediction["panoptic"])
+        files[f"{name}_panoptic_overlay.png"] = Image.fromarray(
+            panoptic_overlay(image, prediction["panoptic"], segments))
+        files[f"{name}_segments.json"] = json.dumps(segments, indent=1)
+    if "cams" in prediction:
+        cams = np.asarray(prediction["cams"])
+        # Absent classes come back as all-zero maps.
+        for c in np.flatnonzero(cams.reshape(len(cams), -1).max(1) > 0):
+            files[f"{name}_cam_{c}.png"] = Image.fromarray(cam_overlay(image, cams[c]))
+    return files
+
+
+def write_predictions(task, params: Any, items: Iterable[tuple[str, np.ndarray, np.ndarray | None]],
+                      out_dir: str | pathlib.Path, *, overwrite: bool = False) -> list[pathlib.Path]:
+    """Runs `task.infer(params, image, labels)` on each (name, uint8 (H, W, 3) image, labels or None) of
+    `items` and writes into `out_dir`:
+      <name>_semantic.png          palette PNG whose values are the class ids;
+      <name>_overlay.png           the classes over the image;
+      <name>_panoptic.png          (panoptic tasks) segment ids, id = R + 256 G + 256^2 B (COCO);
+      <name>_panoptic_overlay.png  the segments over the image;
+      <name>_segments.json         the segments: id, category_id, is_thing, score;
+      <name>_cam_<c>.png           (CAM tasks) class c's CAM over the image, for each class with a CAM.
+    An existing file is an error unless `overwrite`. Returns the paths written."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, image, labels in items:
+        image = _check_image(image)
+        files = _prediction_files(name, image, task.infer(params, image, labels))
+        paths = [out_dir / file_name for file_name in files]
+        existing = [str(p) for p in paths if p.exists()]
+        if existing and not overwrite:
+            raise FileExistsError(f"not overwriting {', '.join(existing)} (pass overwrite=True, or "
+                                  f"--overwrite to the tools)")
+        for path, content in zip(paths, files.values()):
+            if isinstance(content, str):
+                path.write_text(content)
+            else:
+                content.save(path)
+        written += paths
+    return written
+
+
+def source_items(source, count: int) -> Iterable[tuple[str, np.ndarray, np.ndarray | None]]:
+    """The first `count` examples of a dataset source as `write_predictions` items: (image name, image,
+    image-level labels when the dataset has them)."""
+    for i in range(min(count, len(source))):
+        example = source[i]
+        labels = example.get("labels")
+        yield (image_name(example, i), np.asarray(example["image"]),
+               None if labels is None else np.asarray(labels))

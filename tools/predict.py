@@ -1,0 +1,101 @@
+"""Predicts images with the latest checkpoint of a training run and writes, per image, the raw label PNG
+(pixel values = class ids), an overlay, and for panoptic models the segment-id PNG (COCO encoding),
+its overlay and the segment list, for WeakTr stage 1 one CAM overlay per present class
+(`jaxseg.visualize.write_predictions` lists the files).
+
+    python tools/predict.py --workdir RUN --images DIR_OR_FILE [...] --out_dir OUT [--overwrite] [--limit N]
+    python tools/predict.py --workdir RUN --dataset_split validation --out_dir OUT [--limit N]
+
+--images takes .png / .jpg / .jpeg files and directories of them (read as RGB; grayscale and RGBA are
+converted); outputs are named after the file names. --dataset_split predicts the first examples of a
+split of the run's dataset (with their image-level labels, which steer WeakTr's CAMs); outputs are named
+after the examples' ids. A non-empty OUT is refused unless --overwrite.
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from jaxseg.train.run import dataset_sources, load_run
+from jaxseg.visualize import source_items, write_predictions
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DATASET_LIMIT = 8  # examples of a --dataset_split without --limit
+
+
+def image_paths(arguments: list[str]) -> list[pathlib.Path]:
+    """The image files named by `arguments` (files, or directories whose images are taken in name order)."""
+    paths = []
+    for argument in arguments:
+        path = pathlib.Path(argument)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif not path.is_file():
+            raise FileNotFoundError(f"no image file or directory at {path}")
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"{path} is not a {'/'.join(IMAGE_SUFFIXES)} image")
+        else:
+            paths.append(path)
+    if not paths:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {' '.join(arguments)}")
+    stems = [p.stem for p in paths]
+    clashes = sorted(str(p) for p in paths if stems.count(p.stem) > 1)
+    if clashes:
+        raise ValueError(f"images with the same name would write the same outputs: {clashes}")
+    return paths
+
+
+def read_image(path: pathlib.Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of an image file."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="run directory written by tools/train.py")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE", help="image files or directories")
+    inputs.add_argument("--dataset_split", metavar="SPLIT", help="a split of the run's dataset instead")
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    parser.add_argument("--limit", type=int, help=f"only the first N images (default: all of --images, "
+                                                  f"{DATASET_LIMIT} of a --dataset_split)")
+    args = parser.parse_args(argv)
+
+    out_dir = pathlib.Path(args.out_dir)
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {args.limit}")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError(f"--out_dir {out_dir} exists and is not a directory")
+        if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to write into it")
+        paths = image_paths(args.images)[:args.limit] if args.images else None
+        start = time.perf_counter()
+        config, task, params = load_run(args.workdir)
+        if paths is not None:
+            count, items = len(paths), ((p.stem, read_image(p), None) for p in paths)
+        else:
+            config.dataset.eval_split = args.dataset_split
+            source = dataset_sources(config, pathlib.Path(args.workdir))[args.dataset_split]
+            count = min(len(source), args.limit or DATASET_LIMIT)
+            items = source_items(source, count)
+        written = write_predictions(task, params, items, out_dir, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"images": count, "files": len(written), "out_dir": str(out_dir),
+                      "seconds": round(time.perf_counter() - start, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
