@@ -1,14 +1,16 @@
 """Every config file loads (small-run and full form), and the WSSS scenes configs run end to end on CPU:
 WeakTr stage 1 -> pseudo-labels -> stage 2 with the gradient-clipping loss, and the GT Segmenter.
 
-Measured on 2 CPU cores (runlocal, 64 px scenes, from scratch). These budgets are NOT enough for the
-WSSS models to learn the scenes, which is recorded here rather than hidden:
-- segmenter/scenes.py:runlocal, 300 steps (~60 s): CE 0.48 at step 25 (the background prior) and 0.47
-  at step 300; validation mIoU (background + 6 things) 0.125, pixel accuracy 0.871, i.e. background
-  only (600 steps at lr 0.2: the same). The test checks that the run completes and learns the prior.
-- weaktr/scenes_cam.py:runlocal: the soft-margin losses stay near ln 2 for ~1500 steps; at 2400 steps
-  (lr 3e-3) the coarse loss reached 0.40 and CAM mIoU 0.114. The test checks the whole chain (CAM
-  training, CAM evaluation, pseudo-label PNGs, clipped retraining on them), not a quality figure."""
+Measured on 2 CPU cores (runlocal, 64 px scenes, from scratch):
+- segmenter/scenes.py:runlocal,linear (AdamW 3e-3, 100 warm-up steps, 2000 training images, mild
+  augmentation), 1500 steps (~80 s): CE 0.27 at the end, validation mIoU (background + 6 things) 0.214,
+  pixel accuracy 0.883; the background prior is mIoU 0.125 / accuracy 0.874. With the recipe's SGD it
+  stays at the prior. The mask-transformer decoder learns more slowly (0.164 at 1500 steps with the
+  recipe's strong augmentation, measured separately).
+- weaktr/scenes_cam.py:runlocal: NOT learned at these budgets: the soft-margin losses stay near ln 2 for
+  ~1500 steps; at 2400 steps the coarse loss reached 0.40-0.48 and CAM mIoU 0.114-0.126, the level of
+  background everywhere. The test checks the whole chain (CAM training, CAM evaluation, pseudo-label
+  PNGs, clipped retraining on them), not a quality figure."""
 import json
 import pathlib
 
@@ -41,10 +43,11 @@ def _losses(workdir, name):
 
 @pytest.mark.slow
 def test_segmenter_trains_on_scenes_ground_truth(tmp_path):
-    result = _run("configs/segmenter/scenes.py:runlocal", tmp_path / "seg",
+    result = _run("configs/segmenter/scenes.py:runlocal,linear", tmp_path / "seg",
                   f"dataset.data_dir={tmp_path / 'data'}")
-    assert all(0 < loss < 1.0 for loss in _losses(tmp_path / "seg", "loss"))  # below ln 7 = 1.95
-    assert result["pixel_accuracy"] > 0.8 and 0 < result["mean_iou"] <= 1, result
+    losses = _losses(tmp_path / "seg", "loss")
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result["mean_iou"] > 0.17 and result["pixel_accuracy"] > 0.87, result  # prior: 0.125, 0.874
 
 
 @pytest.mark.slow
@@ -65,7 +68,7 @@ def test_weaktr_cams_pseudo_labels_and_clipped_retraining(tmp_path):
     assert report["examples"] == 400 and len(list((tmp_path / "pseudo").glob("*.png"))) == 400
 
     seg = _run("configs/weaktr/scenes_seg.py:runlocal", tmp_path / "seg", data, "total_steps=60",
-               "log_every=10", f"pseudo_labels_dir={tmp_path / 'pseudo'}")
+               "warmup_steps=10", "log_every=10", "dataset.num_train=400", f"pseudo_labels_dir={tmp_path / 'pseudo'}")
     logged = [json.loads(line) for line in (tmp_path / "seg" / "train_metrics.jsonl").read_text().splitlines()]
     assert all(0 < entry["kept_fraction"] <= 1 for entry in logged)
     assert 0 <= seg["mean_iou"] <= 1 and seg["step"] == 60

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.2])
     parser.add_argument("--threshold", type=float, default=PSEUDO_LABEL_THRESHOLD,
                         help="background threshold of the PNGs")
-    parser.add_argument("--sweep", type=float, nargs="+", default=[round(0.05 * i, 2) for i in range(2, 15)])
+    parser.add_argument("--sweep", type=float, nargs="+", default=[round(0.05 * i, 2) for i in range(2, 20)])
     parser.add_argument("--limit", type=int, help="only the first N examples")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)

@@ -134,13 +134,21 @@ def weaktr_cam_optimizer(params, *, steps_per_epoch: int, epochs: int, lr: float
 
 def segmenter_optimizer(params, *, total_steps: int, lr: float = 1e-4, min_lr: float = 1e-5,
                         encoder_multiplier: float = 0.1, momentum: float = 0.9, power: float = 0.9,
-                        weight_decay: float = 0.0) -> optax.GradientTransformation:
+                        weight_decay: float = 0.0, optimizer: str = "sgd",
+                        warmup_steps: int = 0) -> optax.GradientTransformation:
     """WeakTr stage 2 (Segmenter's recipe): SGD with Nesterov momentum 0.9, per-iteration poly decay
-    (lr - min_lr) (1 - t / T)^0.9 + min_lr, encoder parameters at 0.1x that rate."""
+    (lr - min_lr) (1 - t / T)^0.9 + min_lr, encoder parameters at 0.1x that rate. `optimizer="adamw"`
+    (with a linear warm-up over `warmup_steps`) trains small models from scratch, where SGD stays at
+    the background prior."""
     multipliers = jax.tree_util.tree_map(lambda name: encoder_multiplier if name.startswith("encoder/")
                                          else 1.0, path_names(params))
     labels = jax.tree_util.tree_map(lambda _: "all", params)
-    schedule = optax.polynomial_schedule(lr, min_lr, power, total_steps)
+    decay = optax.polynomial_schedule(lr, min_lr, power, total_steps - warmup_steps)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+    if optimizer == "adamw":
+        return adamw_groups(labels, multipliers, {"all": schedule}, weight_decay=weight_decay)
+    if optimizer != "sgd":
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     return optax.chain(optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
                        optax.trace(decay=momentum, nesterov=True),
                        scale_by_group_schedule(labels, multipliers, {"all": schedule}))

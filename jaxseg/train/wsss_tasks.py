@@ -98,7 +98,7 @@ class WeakTrCamTask(_ImageTask):
     ground_truth: str = "categories"
     eval_source: Sequence[dict] | None = None
     eval_scales: tuple[float, ...] = (1.0, 1.2)
-    thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 15))
+    thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 20))
     threshold: float = PSEUDO_LABEL_THRESHOLD  # of `infer`'s label maps
 
     def __post_init__(self):
@@ -197,6 +197,10 @@ class SegmenterTask(_ImageTask):
     lr: float = 1e-4
     min_lr: float = 1e-5
     encoder_multiplier: float = 0.1
+    optimizer_name: str = "sgd"  # "adamw" for small models trained from scratch
+    warmup_steps: int = 0
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
     clipping: bool = True
     clip_cell_size: int = 120
     start_value: float = 1.2
@@ -215,7 +219,8 @@ class SegmenterTask(_ImageTask):
 
     def optimizer(self, params: Any):
         return segmenter_optimizer(params, total_steps=self.total_steps, lr=self.lr, min_lr=self.min_lr,
-                                   encoder_multiplier=self.encoder_multiplier)
+                                   encoder_multiplier=self.encoder_multiplier, optimizer=self.optimizer_name,
+                                   warmup_steps=self.warmup_steps)
 
     def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array):
         logits = self.network.apply({"params": params}, batch["image"], train=True,
@@ -230,7 +235,8 @@ class SegmenterTask(_ImageTask):
     def transform(self, example: dict, rng: np.random.Generator) -> dict:
         example = {"image": np.asarray(example["image"]),
                    "semantic": wsss_semantic(example, self.num_foreground, self.ground_truth).astype(np.uint8)}
-        out = weaktr_stage2_example(example, rng, crop=self.crop_size, base=self.base_size)
+        out = weaktr_stage2_example(example, rng, crop=self.crop_size, base=self.base_size,
+                                    ratio_range=self.ratio_range, photometric=self.photometric)
         return {"image": out["image"], "semantic": out["semantic"].astype(np.int32)}
 
     def _log_scores(self, params: Any, windows: jax.Array) -> jax.Array:
