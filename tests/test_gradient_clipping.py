@@ -1,5 +1,6 @@
 """WeakTr's gradient-clipping loss: the rule against an independent numpy implementation, the gradient
-mask, the gate, and the official PyTorch code (`GradientClipping.forward`) on divisible sizes."""
+mask, the gate, and the official PyTorch code (`GradientClipping.forward`, in `segmenter_reference.py`) on
+divisible sizes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
+from segmenter_reference import torch_gradient_clipping_loss
 
 RNG = np.random.default_rng(0)
 
@@ -69,30 +71,11 @@ def test_above_the_gate_it_is_plain_ce():
         jax.grad(lambda x: pixel_cross_entropy(x, labels).mean())(logits))
 
 
-def _official(seg_pred, seg_gt, start_value, patch_size):
-    """hustvl/WeakTr GradientClipping.forward, with the stage-2 criterion, followed by the mean."""
-    ori_loss = torch.nn.CrossEntropyLoss(ignore_index=255, reduction="none")(seg_pred, seg_gt)
-    detach_loss = ori_loss.detach().clone()
-    mean_loss = detach_loss.mean()
-    if mean_loss > start_value:
-        return ori_loss.mean()
-    b, h, w = detach_loss.shape
-    detach_loss = detach_loss.mean(dim=0).unsqueeze(0)
-    local_mean = torch.nn.functional.avg_pool2d(detach_loss.unsqueeze(1), kernel_size=patch_size,
-                                                stride=patch_size, padding=h % patch_size,
-                                                count_include_pad=False).squeeze(1)
-    local_mean = torch.maximum(local_mean, mean_loss)
-    local_mean = torch.repeat_interleave(local_mean, b, dim=0)
-    local_mean = torch.repeat_interleave(local_mean, patch_size, dim=1)
-    local_mean = torch.repeat_interleave(local_mean, patch_size, dim=2)
-    return (torch.clamp(ori_loss - local_mean, None, 0) + local_mean).mean()
-
-
 @pytest.mark.parametrize("start_value", [10.0, 0.0])
 def test_matches_the_official_code_on_divisible_sizes(start_value):
     logits, labels = _inputs(height=8, width=12)
     pred = torch.tensor(logits).permute(0, 3, 1, 2).requires_grad_(True)
-    expected = _official(pred, torch.tensor(labels).long(), start_value, 4)
+    expected = torch_gradient_clipping_loss(pred, torch.tensor(labels).long(), start_value, 4)
     expected.backward()
     loss, grads = jax.value_and_grad(
         lambda x: gradient_clipping_loss(x, labels, patch_size=4, start_value=start_value)[0])(logits)

@@ -1,19 +1,18 @@
-"""Segmenter (WeakTr stage 2) against a PyTorch reference of the official `Segmenter` / `MultiSegmenter`
-forward with its `MaskTransformer` / `MultiMaskTransformer` decoder, written here from
-hustvl/WeakTr `OnlineRetraining/segm/model/{segmenter,decoder}.py` on timm blocks (Segmenter's blocks
-are timm's with torch-default LayerNorm eps). Random weights, CPU, float32, tolerance 1e-5."""
+"""Segmenter (WeakTr stage 2) against the PyTorch reference of the official `Segmenter` / `MultiSegmenter`
+forward with its `MaskTransformer` / `MultiMaskTransformer` decoder (`segmenter_reference.py`, written from
+hustvl/WeakTr `OnlineRetraining/segm/model/{segmenter,decoder}.py`). Random weights, CPU, float32,
+tolerance 1e-5."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import Block
-from torch import nn
 
 from jaxseg.convert import from_timm
 from jaxseg.convert.timm import block_from_timm
 from jaxseg.models.segmenter import Segmenter, combine_readouts
+from segmenter_reference import TorchMultiMaskTransformer, torch_multi_segmenter
 from timm_reference import random_timm_vit, rel_err
 
 N_CLS, WIDTH, HEADS = 6, 64, 4
@@ -21,51 +20,11 @@ ENCODER = ("vit_small_patch16_224", dict(depth=2, embed_dim=WIDTH, num_heads=HEA
                                          patch_size=8, dynamic_img_size=True))
 
 
-class TorchMultiMaskTransformer(nn.Module):
-    def __init__(self, depth=2):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(WIDTH, HEADS, mlp_ratio=4, qkv_bias=True, norm_layer=nn.LayerNorm)
-                                     for _ in range(depth)])
-        self.cls_emb = nn.Parameter(torch.randn(1, N_CLS, WIDTH))
-        self.proj_dec = nn.Linear(WIDTH, WIDTH)
-        self.proj_patch = nn.Parameter(torch.randn(WIDTH, WIDTH) * WIDTH ** -0.5)
-        self.proj_classes = nn.Parameter(torch.randn(WIDTH, WIDTH) * WIDTH ** -0.5)
-        self.decoder_norm = nn.LayerNorm(WIDTH)
-        self.mask_norm = nn.LayerNorm(N_CLS)
-
-    def cls_forward(self, x, rows):
-        x = self.decoder_norm(x)
-        patches, cls_seg_feat = x[:, :-N_CLS] @ self.proj_patch, x[:, -N_CLS:] @ self.proj_classes
-        patches = patches / patches.norm(dim=-1, keepdim=True)
-        cls_seg_feat = cls_seg_feat / cls_seg_feat.norm(dim=-1, keepdim=True)
-        masks = self.mask_norm(patches @ cls_seg_feat.transpose(1, 2))
-        return masks.transpose(1, 2).reshape(masks.shape[0], N_CLS, rows, -1)
-
-    def forward(self, x, rows):
-        x = torch.cat((self.proj_dec(x), self.cls_emb.expand(x.size(0), -1, -1)), 1)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.cls_forward(x, rows), self.cls_forward(self.blocks[-1](x), rows)
-
-
-def torch_multi_segmenter(encoder, decoder, im):
-    """MultiSegmenter.forward: pad bottom/right to the patch size, encode (final norm), drop the class
-    token, decode, upsample bilinearly, crop."""
-    height, width = im.shape[2:]
-    im = nn.functional.pad(im, (0, -width % 8, 0, -height % 8))
-    tokens = encoder.forward_features(im)[:, 1:]
-    outs = []
-    for masks in decoder(tokens, im.shape[2] // 8):
-        masks = nn.functional.interpolate(masks, size=im.shape[2:], mode="bilinear")
-        outs.append(masks[:, :, :height, :width])
-    return outs
-
-
 @pytest.fixture(scope="module")
 def models():
     encoder = random_timm_vit(*ENCODER)
     torch.manual_seed(1)
-    decoder = TorchMultiMaskTransformer().eval()
+    decoder = TorchMultiMaskTransformer(N_CLS, WIDTH, HEADS).eval()
     with torch.no_grad():
         for name, param in decoder.named_parameters():  # LayerNorm scales around 1, the rest around 0
             param.copy_(torch.randn_like(param) * 0.3 + float(name.endswith("weight") and param.ndim == 1))

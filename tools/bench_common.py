@@ -36,3 +36,22 @@ def print_table(title: str, batch: int, rows: list, timings: tuple) -> None:
     if len(rows) == 2:
         (ours, a), (reference, b) = rows
         print(f"{ours} / {reference} time ratio: " + ", ".join(f"{t} {a[t] / b[t]:.2f}" for t in timings))
+
+
+def jax_peak_gib() -> float | None:
+    """This process's peak device memory so far, where the JAX backend reports it (GPU, TPU; not CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+
+def torch_device():
+    """(device, synchronize, peak GiB or None, reset peak) for the PyTorch references: CUDA when
+    available, else the CPU, where PyTorch keeps no allocator statistics."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", lambda: None, lambda: None, lambda: None
+    return ("cuda", torch.cuda.synchronize, lambda: torch.cuda.max_memory_allocated() / 2**30,
+            torch.cuda.reset_peak_memory_stats)

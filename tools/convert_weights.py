@@ -1,10 +1,16 @@
-"""Converts a local timm / DeiT / DINOv2 ViT checkpoint to jaxseg params.
+"""Converts a local timm / DeiT / DINOv2 ViT checkpoint, or an official WeakTr / MCTformer-V2 stage-1
+checkpoint, to jaxseg params.
 
     python tools/convert_weights.py --input vit_small_patch14_reg4_dinov2.safetensors \
         --output dinov2_s.msgpack --patch-size 16 --image-size 640
+    python tools/convert_weights.py --input WeakTr_checkpoint_best_mIoU.pth --output weaktr.msgpack
 
 Input: .safetensors, or .pth/.pt/.bin (read with torch.load(weights_only=True); needs torch).
-Output: a .msgpack file, or any other name for an orbax directory; see jaxseg.convert.params_io.
+Layout (--layout): "timm" (a ViT, see jaxseg.convert.from_timm) or "weaktr" (see
+jaxseg.convert.from_official_weaktr: C class tokens, a conv `head`, the AAF); by default "weaktr" when
+`head.weight` is a convolution kernel.
+Output: a .msgpack file, or any other name for an orbax directory (ViT params only); see
+jaxseg.convert.params_io. A WeakTr output holds the `WeakTr` keyword arguments as its config.
 """
 import argparse
 import logging
@@ -13,8 +19,8 @@ import sys
 import jax
 import numpy as np
 
-from jaxseg.convert import WeightConversionError, from_timm, load_state_dict
-from jaxseg.convert.params_io import FORMATS, save_params
+from jaxseg.convert import WeightConversionError, from_official_weaktr, from_timm, load_state_dict
+from jaxseg.convert.params_io import FORMATS, format_for, save_params
 from jaxseg.convert.timm import DEFAULT_IGNORE
 
 
@@ -31,11 +37,21 @@ def _size(text: str) -> tuple[int, int]:
     return values
 
 
+LAYOUTS = ("timm", "weaktr")
+
+
+def detect_layout(state_dict) -> str:
+    """"weaktr" when the head is WeakTr's 3x3 CAM convolution (a timm classifier head is a Linear)."""
+    head = state_dict.get("head.weight")
+    return "weaktr" if head is not None and head.ndim == 4 else "timm"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--input", required=True, help="state dict file")
     parser.add_argument("--output", required=True, help="output .msgpack file or orbax directory")
     parser.add_argument("--format", choices=FORMATS, help="default: from the output name")
+    parser.add_argument("--layout", choices=LAYOUTS, help="checkpoint layout (default: detected)")
     parser.add_argument("--patch-size", type=int, help="resample the patch kernel to this size")
     parser.add_argument("--image-size", type=_size, help="resample the position embedding for N or HxW")
     parser.add_argument("--posemb-grid", type=_size, help="resample the position embedding to a grid")
@@ -47,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-heads", type=int, help="needed for non-standard widths")
     parser.add_argument("--source-grid", type=_size, help="grid of a non-square source posemb")
     parser.add_argument("--ignore", action="append", default=list(DEFAULT_IGNORE),
-                        help="regex of state-dict names to drop (repeatable); default: heads")
+                        help="regex of state-dict names to drop (repeatable, timm layout); default: heads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -57,14 +73,21 @@ def main(argv=None) -> int:
         posemb_covers_prefix=args.posemb_covers_prefix, num_heads=args.num_heads).items() if v is not None}
     try:
         state_dict = load_state_dict(args.input)
-        config, params = from_timm(state_dict, ignore=args.ignore, source_grid=args.source_grid,
-                                   **overrides)
+        layout = args.layout or detect_layout(state_dict)
+        if layout == "weaktr":
+            if (args.format or format_for(args.output)) != "msgpack":
+                raise ValueError("a WeakTr output must be a .msgpack file: orbax directories are read back "
+                                 "as plain ViT params")
+            config, params = from_official_weaktr(state_dict, source_grid=args.source_grid, **overrides)
+        else:
+            config, params = from_timm(state_dict, ignore=args.ignore, source_grid=args.source_grid,
+                                       **overrides)
         path = save_params(args.output, config, params, args.format, overwrite=args.overwrite)
     except (WeightConversionError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {path} ({count / 1e6:.2f}M parameters)")
+    print(f"wrote {path} ({layout} layout, {count / 1e6:.2f}M parameters)")
     print("model config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     return 0
 

@@ -1,7 +1,8 @@
-"""Weight converters: PyTorch checkpoints (timm / DeiT / DINOv2, EoMT) -> jaxseg Flax params."""
+"""Weight converters: PyTorch checkpoints (timm / DeiT / DINOv2, EoMT, WeakTr) -> jaxseg Flax params."""
 from jaxseg.convert.eomt import from_hf_eomt, from_official_eomt
 from jaxseg.convert.state_dict import WeightConversionError, load_state_dict
 from jaxseg.convert.timm import from_timm, infer_config, to_timm
+from jaxseg.convert.weaktr import from_official_weaktr
 
 __all__ = ["WeightConversionError", "load_state_dict", "from_timm", "infer_config", "to_timm",
-           "from_hf_eomt", "from_official_eomt"]
+           "from_hf_eomt", "from_official_eomt", "from_official_weaktr"]

@@ -312,6 +312,9 @@ def from_timm(state_dict: Mapping[str, Any], *, ignore: Sequence[str] = DEFAULT_
               source_posemb_covers_prefix: bool | None = None, **overrides) -> tuple[dict, dict]:
     """Converts a timm ViT state dict to `(model_config, params)` for `ViT(**model_config)`.
 
+    This is also the converter for WeakTr's stage-2 encoders (the Segmenter's DeiT-S / ViT-S / DINOv2
+    timm weights); official stage-1 checkpoints go through `from_official_weaktr`.
+
     Args:
       state_dict: {name: torch tensor or numpy array}, as from `load_state_dict` or `model.state_dict()`;
         the original DINOv2 release layout (`register_tokens`, `w12`/`w3`) is accepted too.
