@@ -6,8 +6,8 @@ truth = background + things) stands in for the original's COCO 2014 lists (same 
 118k images against train2014's 82k). The CAM check runs on the validation split (5,000 images; the
 original uses a 1,250-image train subset).
 
-    python tools/convert_weights.py --input deit_small_patch16_224-cd65a155.pth \
-        --output deit_s_cls80.msgpack --num-cls-tokens 80
+    # NOT YET AVAILABLE: tools/convert_weights.py cannot yet copy DeiT's class token C times; an
+    # official WeakTr checkpoint converts (--layout weaktr) and can serve as init_checkpoint.
     python tools/train.py --config configs/weaktr/coco_cam.py --workdir RUN \
         --set dataset.data_dir=DATA --set init_checkpoint=deit_s_cls80.msgpack
     python tools/make_pseudo_labels.py --checkpoint RUN --data_dir DATA --dataset jaxseg_coco_panoptic \
