@@ -2,7 +2,6 @@
 mask, the gate, and the official PyTorch code (`GradientClipping.forward`, in `segmenter_reference.py`) on
 divisible sizes."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

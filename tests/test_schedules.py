@@ -1,7 +1,6 @@
 """EoMT mask-annealing schedule against every start/end table of the official configs
 (../shared/specs/eomt.md section 2.2)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -93,7 +93,7 @@ def layer_loss(class_logits: Array, mask_logits: Array, targets: Targets, draws:
 
     class_logits (B, Q, K+1), mask_logits (B, Q, h, w) at any resolution (points are normalised).
     """
-    batch, num_queries, num_classes = class_logits.shape[0], class_logits.shape[1], class_logits.shape[2] - 1
+    batch, num_classes = class_logits.shape[0], class_logits.shape[2] - 1
     cost = matching_cost(class_logits, mask_logits, targets, draws.match_points, config)
     matching = match(cost, targets.valid, method=config.matcher)
     num_masks = jnp.maximum(targets.valid.sum().astype(jnp.float32), 1.0)

@@ -15,7 +15,6 @@ from typing import Any
 import flax
 import flax.linen
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from jaxseg.convert.state_dict import WeightConversionError, shape_diff

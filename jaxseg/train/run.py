@@ -126,9 +126,13 @@ TASKS = {"eomt": eomt_task, "weaktr_cam": weaktr_cam_task, "segmenter": segmente
 def build_task(config: ml_collections.ConfigDict, sources: dict):
     """The config's task over `sources` ({split: source}); a split not in `sources` leaves the task
     without that data ({} gives a task that can only init, restore and predict)."""
+    return _task_builder(config)(config, sources)
+
+
+def _task_builder(config: ml_collections.ConfigDict):
     if config.task not in TASKS:
         raise ValueError(f"task {config.task!r} is not available; valid: {sorted(TASKS)}")
-    return TASKS[config.task](config, sources)
+    return TASKS[config.task]
 
 
 def load_run(workdir: str | pathlib.Path, sources: dict | None = None):
@@ -160,8 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"workdir {workdir} exists and is not a directory")
-    if config.task not in TASKS:
-        raise ValueError(f"task {config.task!r} is not available; valid: {sorted(TASKS)}")
+    _task_builder(config)  # a bad task name fails before any dataset is read or built
     trainer_config = train_config(config)  # its checks fail before any dataset is read or built
     workdir.mkdir(parents=True, exist_ok=True)
     task = build_task(config, dataset_sources(config, workdir))

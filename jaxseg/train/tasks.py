@@ -86,7 +86,6 @@ class EomtTask:
         self.num_blocks = self.model["num_query_blocks"]
         self.windows = self.annealing_windows or mask_annealing_windows(self.total_steps, self.num_blocks)
         # Params are arguments, not constants baked into the programs; one compilation per image size.
-        self._logits = jax.jit(self._final_logits)
         self._whole_image = jax.jit(self._whole_image_outputs)
         self._semantic = jax.jit(self._sliding_window_semantic)
 
