@@ -30,45 +30,94 @@ def test_weaktr_benchmark_runs():
     assert "| 32 | 7 |" in proc.stdout
 
 
-def test_make_pseudo_labels_end_to_end(tmp_path):
-    """A (random) WeakTr checkpoint + a tiny scenes build -> palette PNGs and a threshold-sweep report."""
-    import json
+NUM_THINGS = 6  # the default scenes have 6 thing classes; stuff is background
 
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """(data_dir, dataset name) of a tiny scenes build (3 train images of 32 px), prepared once."""
+    from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
+
+    data_dir = tmp_path_factory.mktemp("data")
+    config = scenes_config(image_size=32, num_train=3, num_val=1)
+    JaxsegScenes(config=config, data_dir=data_dir, num_workers=1).download_and_prepare(
+        file_format="array_record")
+    return data_dir, f"jaxseg_scenes/{config.name}"
+
+
+def _tiny_weaktr():
+    """(WeakTr keyword arguments as JSON holds them, random params) of a tiny WeakTr for the scenes."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
+
+    from jaxseg.models.weaktr import WeakTr
+
+    model_config = {"encoder": dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+                                    posemb_grid=[4, 4], num_cls_tokens=NUM_THINGS, final_norm=False,
+                                    posemb_resize="dino"),
+                    "num_classes": NUM_THINGS, "reduction": 2}
+    model = WeakTr(**dict(model_config, encoder=dict(model_config["encoder"], posemb_grid=(4, 4))))
+    return model_config, nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+
+
+def _check_pseudo_labels(out_dir: pathlib.Path) -> None:
+    import json
+
     from PIL import Image
 
-    from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
-    from jaxseg.models.weaktr import WeakTr
+    pngs = sorted(out_dir.glob("*.png"))
+    assert len(pngs) == 3 and Image.open(pngs[0]).mode == "P" and Image.open(pngs[0]).size == (32, 32)
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["thresholds"] == [0.3, 0.5] and len(report["miou"]) == 2
+
+
+def test_make_pseudo_labels_end_to_end(scenes, tmp_path):
+    """A (random) WeakTr checkpoint + a tiny scenes build -> palette PNGs and a threshold-sweep report."""
+    import json
+
     from jaxseg.train.checkpoint import Checkpointer
 
-    config = scenes_config(image_size=32, num_train=3, num_val=1)
-    JaxsegScenes(config=config, data_dir=tmp_path / "data", num_workers=1).download_and_prepare(
-        file_format="array_record")
-    num_things = 6  # the default scenes have 6 thing classes; stuff is background
-    model_config = {"encoder": dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
-                                    posemb_grid=[4, 4], num_cls_tokens=num_things, final_norm=False,
-                                    posemb_resize="dino"),
-                    "num_classes": num_things, "reduction": 2}
+    model_config, params = _tiny_weaktr()
     (tmp_path / "model.json").write_text(json.dumps(model_config))
-    model = WeakTr(**dict(model_config, encoder=dict(model_config["encoder"], posemb_grid=(4, 4))))
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
     checkpointer = Checkpointer(tmp_path / "run")
     checkpointer.save(10, {"params": params})
     checkpointer.close()
+    data_dir, dataset = scenes
     command = [sys.executable, str(ROOT / "tools" / "make_pseudo_labels.py"), "--checkpoint",
                str(tmp_path / "run"), "--model_config", str(tmp_path / "model.json"), "--data_dir",
-               str(tmp_path / "data"), "--dataset", f"jaxseg_scenes/{config.name}", "--out_dir",
-               str(tmp_path / "out"), "--num_foreground", str(num_things), "--sweep", "0.3", "0.5"]
+               str(data_dir), "--dataset", dataset, "--out_dir", str(tmp_path / "out"), "--num_foreground",
+               str(NUM_THINGS), "--sweep", "0.3", "0.5"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pngs = sorted((tmp_path / "out").glob("*.png"))
-    assert len(pngs) == 3 and Image.open(pngs[0]).mode == "P" and Image.open(pngs[0]).size == (32, 32)
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["thresholds"] == [0.3, 0.5] and len(report["miou"]) == 2
+    _check_pseudo_labels(tmp_path / "out")
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 1 and "not empty" in again.stderr  # never overwrites silently
+
+
+def test_make_pseudo_labels_from_a_converted_params_file(scenes, tmp_path, capsys):
+    """A WeakTr params file (as convert_weights.py writes from an official checkpoint) is a checkpoint of its
+    own: the model comes from the file. A plain ViT file (e.g. a DeiT init) is refused by name."""
+    import importlib.util
+
+    from jaxseg.convert.params_io import save_params
+
+    spec = importlib.util.spec_from_file_location("make_pseudo_labels",
+                                                  ROOT / "tools" / "make_pseudo_labels.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model_config, params = _tiny_weaktr()
+    save_params(tmp_path / "weaktr.msgpack", model_config, params)
+    save_params(tmp_path / "vit.msgpack", model_config["encoder"], params["encoder"])
+    data_dir, dataset = scenes
+    common = ["--data_dir", str(data_dir), "--dataset", dataset, "--sweep", "0.3", "0.5"]
+    assert tool.main(["--checkpoint", str(tmp_path / "weaktr.msgpack"), "--out_dir", str(tmp_path / "out"),
+                      *common]) == 0
+    _check_pseudo_labels(tmp_path / "out")
+    assert tool.main(["--checkpoint", str(tmp_path / "vit.msgpack"), "--out_dir", str(tmp_path / "vit_out"),
+                      *common]) == 1
+    error = capsys.readouterr().err
+    assert "vit.msgpack holds plain ViT params" in error and "not a WeakTr network" in error
 
 
 def test_train_tool_runs_the_scenes_config_and_resumes(tmp_path):

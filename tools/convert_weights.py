@@ -1,9 +1,15 @@
 """Converts a local timm / DeiT / DINOv2 ViT checkpoint, or an official WeakTr / MCTformer-V2 stage-1
 checkpoint, to jaxseg params.
 
-    python tools/convert_weights.py --input vit_small_patch14_reg4_dinov2.safetensors \
+    python tools/convert_weights.py --input vit_small_patch14_reg4_dinov2.safetensors \\
         --output dinov2_s.msgpack --patch-size 16 --image-size 640
     python tools/convert_weights.py --input WeakTr_checkpoint_best_mIoU.pth --output weaktr.msgpack
+    python tools/convert_weights.py --input deit_small_patch16_224-cd65a155.pth \\
+        --output deit_s_cls20.msgpack --num-cls-tokens 20 --no-final-norm
+
+The last one is WeakTr's stage-1 initialisation (configs/weaktr/voc_cam.py, init_checkpoint=): DeiT-S
+with its class token and that token's position entry repeated once per class, without the final norm
+that stage 1 never applies.
 
 Input: .safetensors, or .pth/.pt/.bin (read with torch.load(weights_only=True); needs torch).
 Layout (--layout): "timm" (a ViT, see jaxseg.convert.from_timm) or "weaktr" (see
@@ -61,6 +67,11 @@ def main(argv=None) -> int:
     prefix.add_argument("--posemb-prefix", dest="posemb_covers_prefix", action="store_true",
                         help="give the position embedding (zero) entries for class/register tokens")
     parser.add_argument("--num-heads", type=int, help="needed for non-standard widths")
+    parser.add_argument("--num-cls-tokens", type=int, metavar="C",
+                        help="repeat the single class token (and its position entry) C times, as WeakTr "
+                             "initialises its C class tokens from DeiT (timm layout)")
+    parser.add_argument("--no-final-norm", dest="final_norm", action="store_false", default=None,
+                        help="drop the final norm weights (timm layout; WeakTr stage 1 never applies it)")
     parser.add_argument("--source-grid", type=_size, help="grid of a non-square source posemb")
     parser.add_argument("--ignore", action="append", default=list(DEFAULT_IGNORE),
                         help="regex of state-dict names to drop (repeatable, timm layout); default: heads")
@@ -70,11 +81,15 @@ def main(argv=None) -> int:
 
     overrides = {k: v for k, v in dict(
         patch_size=args.patch_size, image_size=args.image_size, posemb_grid=args.posemb_grid,
-        posemb_covers_prefix=args.posemb_covers_prefix, num_heads=args.num_heads).items() if v is not None}
+        posemb_covers_prefix=args.posemb_covers_prefix, num_heads=args.num_heads,
+        num_cls_tokens=args.num_cls_tokens, final_norm=args.final_norm).items() if v is not None}
     try:
         state_dict = load_state_dict(args.input)
         layout = args.layout or detect_layout(state_dict)
         if layout == "weaktr":
+            if {"num_cls_tokens", "final_norm"} & set(overrides):
+                raise ValueError("--num-cls-tokens and --no-final-norm are for timm-layout ViTs: a WeakTr "
+                                 "checkpoint already has its C class tokens and no final norm")
             if (args.format or format_for(args.output)) != "msgpack":
                 raise ValueError("a WeakTr output must be a .msgpack file: orbax directories are read back "
                                  "as plain ViT params")

@@ -3,13 +3,18 @@ report of CAM mIoU over a background-threshold sweep where ground truth exists.
 
     python tools/make_pseudo_labels.py --checkpoint RUN_DIR --model_config weaktr.json \\
         --data_dir DIR --dataset jaxseg_scenes/default --split train --out_dir OUT --num_foreground 8
+    python tools/convert_weights.py --input WeakTr_checkpoint_best_mIoU.pth --output weaktr_voc.msgpack
+    python tools/make_pseudo_labels.py --checkpoint weaktr_voc.msgpack --data_dir DIR \\
+        --dataset jaxseg_voc --split train_aug --ground_truth wsss --out_dir OUT
 
-The checkpoint is a `jaxseg.train.checkpoint.Checkpointer` run directory whose state holds "params".
+The checkpoint is a `jaxseg.train.checkpoint.Checkpointer` run directory whose state holds "params", or
+a WeakTr params file written by `tools/convert_weights.py` (e.g. from an official WeakTr checkpoint).
 The model comes from `--model_config` (a JSON file of `WeakTr` keyword arguments) or, by default, from
-the run's `config.json` (written by `tools/train.py`), and so do the number of foreground classes and
-the ground-truth label space (`--ground_truth`: "categories" when the first `--num_foreground`
-categories are the foreground, c -> c + 1 and other categories -> background 0; "wsss" when the
-dataset's labels already are background 0 + classes 1..C, as VOC's).
+the params file or the run's `config.json` (written by `tools/train.py`), and so do the number of
+foreground classes and the ground-truth label space (`--ground_truth`, default "categories" without a
+run: "categories" when the first `--num_foreground` categories are the foreground, c -> c + 1 and other
+categories -> background 0; "wsss" when the dataset's labels already are background 0 + classes 1..C,
+as VOC's).
 """
 import argparse
 import json
@@ -17,14 +22,16 @@ import pathlib
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.convert.params_io import load_params
 from jaxseg.data.datasets import image_name
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.ops.image import normalize
-from jaxseg.train.checkpoint import restore_params
+from jaxseg.train.checkpoint import check_tree_names, restore_params
 from jaxseg.train.wsss_tasks import GROUND_TRUTHS, PSEUDO_LABEL_THRESHOLD, wsss_semantic
 from jaxseg.visualize import label_png
 from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, threshold_sweep
@@ -32,16 +39,18 @@ from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, thres
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, or WeakTr params file from tools/convert_weights.py")
     parser.add_argument("--model_config", help="JSON file of WeakTr keyword arguments "
-                        "(default: the model of CHECKPOINT/config.json)")
+                        "(default: the params file's, or the model of CHECKPOINT/config.json)")
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--dataset", default="jaxseg_scenes/default")
     parser.add_argument("--split", default="train")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--num_foreground", type=int, help="default: the model's number of classes")
     parser.add_argument("--ground_truth", choices=GROUND_TRUTHS,
-                        help="label space of the dataset's semantic maps (default: the run's config)")
+                        help="label space of the dataset's semantic maps (default: the run's config, "
+                        "else categories)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.2])
     parser.add_argument("--threshold", type=float, default=PSEUDO_LABEL_THRESHOLD,
                         help="background threshold of the PNGs")
@@ -57,10 +66,27 @@ def main(argv=None) -> int:
         print(f"error: {out_dir} is not empty; pass --overwrite to write into it", file=sys.stderr)
         return 1
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_config_path = pathlib.Path(args.checkpoint) / "config.json"
+    checkpoint = pathlib.Path(args.checkpoint)
+    file_config, file_params = None, None
+    if checkpoint.is_file():
+        try:
+            file_config, file_params = load_params(checkpoint)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if "encoder" not in file_config:
+            # E.g. the DeiT init of a WeakTr run (convert_weights.py --num-cls-tokens): no CAM head yet.
+            print(f"error: {checkpoint} holds plain ViT params (its model config has no WeakTr 'encoder'), "
+                  f"not a WeakTr network with a CAM head: give a file converted from an official WeakTr "
+                  f"checkpoint (tools/convert_weights.py --layout weaktr) or a training run directory",
+                  file=sys.stderr)
+            return 1
+    run_config_path = checkpoint / "config.json"
     run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
     if args.model_config:
         model_config = json.loads(pathlib.Path(args.model_config).read_text())
+    elif file_config is not None:
+        model_config = file_config
     elif "model" in run_config:
         model_config = run_config["model"]
     else:
@@ -77,7 +103,11 @@ def main(argv=None) -> int:
     grid, patch = model_config["encoder"]["posemb_grid"], model_config["encoder"]["patch_size"]
     example_input = jnp.zeros((1, grid[0] * patch, grid[1] * patch, 3))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), example_input))["params"]
-    params = restore_params(args.checkpoint, abstract)
+    if file_params is None:
+        params = restore_params(checkpoint, abstract)
+    else:
+        check_tree_names(nn.unbox(abstract), file_params, f"params {checkpoint}")
+        params = file_params
     source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
 
     @jax.jit

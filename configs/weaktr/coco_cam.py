@@ -6,12 +6,16 @@ truth = background + things) stands in for the original's COCO 2014 lists (same 
 118k images against train2014's 82k). The CAM check runs on the validation split (5,000 images; the
 original uses a 1,250-image train subset).
 
-    # NOT YET AVAILABLE: tools/convert_weights.py cannot yet copy DeiT's class token C times; an
-    # official WeakTr checkpoint converts (--layout weaktr) and can serve as init_checkpoint.
+    # ImageNet DeiT-S with its class token (and that token's position entry) copied 80 times, no final norm:
+    python tools/convert_weights.py --input deit_small_patch16_224-cd65a155.pth \
+        --output deit_s_cls80.msgpack --num-cls-tokens 80 --no-final-norm
     python tools/train.py --config configs/weaktr/coco_cam.py --workdir RUN \
         --set dataset.data_dir=DATA --set init_checkpoint=deit_s_cls80.msgpack
     python tools/make_pseudo_labels.py --checkpoint RUN --data_dir DATA --dataset jaxseg_coco_panoptic \
         --split train --out_dir PSEUDO --scales 1.0 0.8 1.2 --threshold 0.42
+
+The official COCO checkpoint has 90 class tokens (COCO category ids 1..90), not this config's 80, so it
+neither initialises this config nor makes pseudo-labels for `jaxseg_coco_panoptic`.
 
 Argument: "" or "runlocal".
 """

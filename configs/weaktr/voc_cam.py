@@ -3,12 +3,21 @@ DeiT-S/16 with 20 class tokens, AAF, batch 64, 60 epochs, AdamW lr 6e-4 * 64 / 5
 check of each epoch runs on VOC train (1,464 images with masks), as the original selects its model.
 
     python tools/make_dataset.py voc --manual_dir VOC_AND_SBD --data_dir DATA
-    # NOT YET AVAILABLE: tools/convert_weights.py cannot yet copy DeiT's class token C times; an
-    # official WeakTr checkpoint converts (--layout weaktr) and can serve as init_checkpoint.
+    # ImageNet DeiT-S (the DeiT release's file) with its class token and that token's position entry
+    # copied 20 times, without the final norm that stage 1 never applies:
+    python tools/convert_weights.py --input deit_small_patch16_224-cd65a155.pth \
+        --output deit_s_cls20.msgpack --num-cls-tokens 20 --no-final-norm
     python tools/train.py --config configs/weaktr/voc_cam.py --workdir RUN \
         --set dataset.data_dir=DATA --set init_checkpoint=deit_s_cls20.msgpack
     python tools/make_pseudo_labels.py --checkpoint RUN --data_dir DATA --dataset jaxseg_voc \
         --split train_aug --out_dir PSEUDO --scales 1.0 1.2 --threshold 0.43
+
+Pseudo-labels from the official released VOC checkpoint instead of a run (the file has no run config, so
+give the label space):
+
+    python tools/convert_weights.py --input WeakTr_checkpoint_best_mIoU.pth --output weaktr_voc.msgpack
+    python tools/make_pseudo_labels.py --checkpoint weaktr_voc.msgpack --data_dir DATA --dataset jaxseg_voc \
+        --split train_aug --ground_truth wsss --out_dir PSEUDO --scales 1.0 1.2 --threshold 0.43
 
 Argument: "" or "runlocal" (tiny encoder, a few steps on a CPU over a small prepared dataset).
 """

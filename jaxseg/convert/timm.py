@@ -37,12 +37,13 @@ DEFAULT_IGNORE = (r"^head\.", r"^head_dist\.", r"^fc_norm\.", r"^mask_token$")
 _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
 
 # Fixed by the tensors: an override may restate them but not change them.
-_STRUCTURAL = ("width", "depth", "mlp_dim", "mlp_type", "in_channels", "num_cls_tokens",
-               "num_registers", "qkv_bias")
-# Changed by resampling or re-arranging the tensors, or not stored in them.
+_STRUCTURAL = ("width", "depth", "mlp_dim", "mlp_type", "in_channels", "num_registers", "qkv_bias")
+# Changed by resampling or re-arranging the tensors, or not stored in them. `num_cls_tokens` repeats a
+# single class token (WeakTr / MCTformer: one per class, each starting as DeiT's).
 _ADJUSTABLE = ("patch_size", "posemb_grid", "image_size", "posemb_covers_prefix", "num_heads",
                "layernorm_eps", "final_norm", "drop_path_rate", "dropout_rate",
-               "attention_dropout_rate", "dtype", "param_dtype", "remat", "posemb_resize")
+               "attention_dropout_rate", "dtype", "param_dtype", "remat", "posemb_resize",
+               "num_cls_tokens")
 
 
 def _canonical_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -264,6 +265,11 @@ def _target_config(source: dict, overrides: dict) -> dict:
     target.update((k, v) for k, v in overrides.items() if k != "image_size")
     if overrides.get("final_norm") and not source["final_norm"]:
         raise WeightConversionError("final_norm=True but the state dict has no 'norm.weight'")
+    if target["num_cls_tokens"] != source["num_cls_tokens"] and (
+            source["num_cls_tokens"] != 1 or target["num_cls_tokens"] < 1):
+        raise WeightConversionError(
+            f"cannot convert the state dict's {source['num_cls_tokens']} class token(s) to num_cls_tokens="
+            f"{target['num_cls_tokens']}: only a single class token can be repeated, to 1 or more")
     patch = target["patch_size"]
     if "image_size" in overrides:
         size = overrides["image_size"]
@@ -279,21 +285,31 @@ def _target_config(source: dict, overrides: dict) -> dict:
 
 
 def _adapt_geometry(params: dict, source: dict, target: dict) -> dict:
-    """Resamples the patch kernel and position embedding, and moves prefix position entries."""
+    """Resamples the patch kernel and position embedding, repeats a single class token (with its position
+    entry) when asked, and moves prefix position entries."""
     params = dict(params)
     if target["patch_size"] != source["patch_size"]:
         log.info("resampling patch kernel %d -> %d", source["patch_size"], target["patch_size"])
         kernel = resample_patch_kernel(params["patch_embed"]["kernel"], (target["patch_size"],) * 2)
         params["patch_embed"] = dict(params["patch_embed"], kernel=kernel)
-    num_prefix = source["num_cls_tokens"] + source["num_registers"]
+    num_cls = source["num_cls_tokens"]
+    num_prefix = num_cls + source["num_registers"]
     posemb = params["pos_embed"]
     source_prefix = num_prefix if source["posemb_covers_prefix"] else 0
     posemb = np.asarray(resample_posemb(jnp.asarray(posemb), source["posemb_grid"],
                                         target["posemb_grid"], source_prefix))
+    if target["num_cls_tokens"] != num_cls:
+        # MCTformer / WeakTr `main.py`: every class token starts as the single source one, with its
+        # position entry (`_target_config` allows only a single source token here).
+        num_cls = target["num_cls_tokens"]
+        num_prefix = num_cls + source["num_registers"]
+        log.info("repeating the class token %d times", num_cls)
+        params["cls_token"] = np.repeat(params["cls_token"], num_cls, axis=1)
+        if source["posemb_covers_prefix"]:
+            posemb = np.concatenate([np.repeat(posemb[:, :1], num_cls, axis=1), posemb[:, 1:]], axis=1)
     if source["posemb_covers_prefix"] and not target["posemb_covers_prefix"]:
         # A position entry of a prefix token is a constant added to that token: fold it in.
         prefix, posemb = posemb[:, :num_prefix], posemb[:, num_prefix:]
-        num_cls = source["num_cls_tokens"]
         if num_cls:
             params["cls_token"] = params["cls_token"] + prefix[:, :num_cls]
         if source["num_registers"]:
@@ -324,14 +340,20 @@ def from_timm(state_dict: Mapping[str, Any], *, ignore: Sequence[str] = DEFAULT_
         for the rare lengths that fit both layouts.
       **overrides: target options. `patch_size` resamples the patch kernel (FlexiViT pseudo-inverse),
         `image_size` or `posemb_grid` resamples the position embedding (bicubic + antialias),
-        `posemb_covers_prefix=False` folds class/register position entries into those tokens; also
-        `num_heads` (needed for non-standard widths), `layernorm_eps`, `final_norm`, dropout rates,
-        `dtype`, `param_dtype`, `remat`.
+        `posemb_covers_prefix=False` folds class/register position entries into those tokens,
+        `num_cls_tokens=C` repeats a single class token and its position entry C times (WeakTr's
+        initialisation from DeiT), `final_norm=False` drops the final norm; also `num_heads` (needed
+        for non-standard widths), `layernorm_eps`, dropout rates, `dtype`, `param_dtype`, `remat`.
 
     Raises:
       WeightConversionError: with a diff of missing / unexpected / misshaped names.
     """
     sd = _canonical_keys(unwrap(state_dict))
+    if "num_cls_tokens" in overrides and "dist_token" in sd:
+        raise WeightConversionError(
+            "the state dict has a 'dist_token' (a distilled DeiT), and jaxseg's ViT has no distillation "
+            "token to go with the class tokens: convert the non-distilled DeiT (e.g. "
+            "deit_small_patch16_224) instead")
     ignored = sorted(k for k in sd if any(re.search(p, k) for p in ignore))
     if ignored:
         log.info("ignoring %d entries: %s", len(ignored), ", ".join(ignored))

@@ -1,7 +1,9 @@
 """Official WeakTr stage-1 checkpoints (hustvl/WeakTr `models.py` + `AAF.py`, V3; also MCTformer-V2's) ->
 jaxseg `WeakTr` keyword arguments and params.
 
-Stage-2 encoders (Segmenter's DeiT-S, ViT-S, ...) are plain timm ViTs: convert those with `from_timm`.
+Stage-2 encoders (Segmenter's DeiT-S, ViT-S, ...) are plain timm ViTs: convert those with `from_timm`, as
+stage 1's ImageNet initialisation too: `from_timm(deit_s, num_cls_tokens=C, final_norm=False)` repeats
+DeiT's class token and its position entry C times, as WeakTr's `main.py` does.
 
 The official network subclasses DeiT's VisionTransformer, so the encoder is a timm state dict with C class
 tokens and goes through `from_timm`; the rest maps as:
