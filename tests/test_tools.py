@@ -22,12 +22,15 @@ def test_benchmark_scripts_run(script, args, expected):
     assert expected in proc.stdout
 
 
-def test_weaktr_benchmark_runs():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_weaktr.py"), "--variant", "Ti/16",
-                           "--depth", "3", "--classes", "3", "--image-sizes", "32", "--batch", "1",
-                           "--steps", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+def test_weaktr_benchmark_runs_both_stages():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_weaktr.py"), "--stage", "all",
+                           "--variant", "Ti/16", "--depth", "3", "--classes", "3", "--image-sizes", "32",
+                           "--seg-image-size", "32", "--clip-cell", "16", "--batch", "1", "--steps", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 32 | 7 |" in proc.stdout
+    assert "# Stage-2 train step" in proc.stdout
+    assert proc.stdout.count("| jaxseg |") == 2 and proc.stdout.count("| PyTorch |") == 2
 
 
 NUM_THINGS = 6  # the default scenes have 6 thing classes; stuff is background
