@@ -11,7 +11,8 @@ import pytest
 from jaxseg.train.run import build_task, dataset_sources, load_config, train_config
 from jaxseg.train.trainer import Trainer
 
-MEASURED = "loss 29.6 -> 23.3; mIoU 0.026 -> 0.147; PQ 0.0 -> see closing note"
+MEASURED = ("loss 29.6 -> 23.3; mIoU 0.026 -> 0.147; PQ 0.0 (3000 steps on 4000 scenes: mIoU 0.237, "
+            "PQ 0.034, README \"Main job\")")
 
 
 @pytest.mark.slow
