@@ -65,7 +65,6 @@ def main(argv=None) -> int:
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         print(f"error: {out_dir} is not empty; pass --overwrite to write into it", file=sys.stderr)
         return 1
-    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = pathlib.Path(args.checkpoint)
     file_config, file_params = None, None
     if checkpoint.is_file():
@@ -109,6 +108,7 @@ def main(argv=None) -> int:
         check_tree_names(nn.unbox(abstract), file_params, f"params {checkpoint}")
         params = file_params
     source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: bad input leaves no empty dir
 
     @jax.jit
     def cam_fn(views):
