@@ -149,8 +149,8 @@ def _prediction_files(name: str, image: np.ndarray, prediction: dict) -> dict[st
         files[f"{name}_segments.json"] = json.dumps(segments, indent=1)
     if "cams" in prediction:
         cams = np.asarray(prediction["cams"])
-        # Absent classes come back as all-zero maps.
-        for c in np.flatnonzero(cams.reshape(len(cams), -1).max(1) > 0):
+        # Every present class, even one whose CAM is zero everywhere (the model found nothing).
+        for c in prediction["cam_classes"]:
             files[f"{name}_cam_{c}.png"] = Image.fromarray(cam_overlay(image, cams[c]))
     return files
 
@@ -164,7 +164,7 @@ def write_predictions(task, params: Any, items: Iterable[tuple[str, np.ndarray, 
       <name>_panoptic.png          (panoptic tasks) segment ids, id = R + 256 G + 256^2 B (COCO);
       <name>_panoptic_overlay.png  the segments over the image;
       <name>_segments.json         the segments: id, category_id, is_thing, score;
-      <name>_cam_<c>.png           (CAM tasks) class c's CAM over the image, for each class with a CAM.
+      <name>_cam_<c>.png           (CAM tasks) class c's CAM over the image, for each present class.
     An existing file is an error unless `overwrite`. Returns the paths written."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,15 @@ def test_multiscale_cams_sum_scaled_and_flipped_passes():
         multiscale_cams(_position_cam_fn, image, labels, 8, scales=(0.1,))
 
 
+def test_cam_function_without_patch_attention_skips_the_refinement():
+    image = RNG.random((32, 40, 3)).astype(np.float32)
+    labels = np.array([1, 1, 0], np.float32)
+    # The fake network's affinity is the identity: refining by it or not refining agree.
+    unrefined = multiscale_cams(lambda views: (_position_cam_fn(views)[0], None), image, labels, 8, (1.0, 1.2))
+    np.testing.assert_allclose(unrefined, multiscale_cams(_position_cam_fn, image, labels, 8, (1.0, 1.2)),
+                               rtol=1e-6)
+
+
 def test_normalisation_and_pseudo_labels():
     cams = RNG.random((3, 6, 7)).astype(np.float32) * 5
     labels = np.array([1, 0, 1])

@@ -7,12 +7,14 @@ Measured on 2 CPU cores (runlocal, 64 px scenes, from scratch):
   pixel accuracy 0.883; the background prior is mIoU 0.125 / accuracy 0.874. With the recipe's SGD it
   stays at the prior. The mask-transformer decoder learns more slowly (0.164 at 1500 steps with the
   recipe's strong augmentation, measured separately).
-- weaktr/scenes_cam.py:runlocal: NOT learned at these budgets: the soft-margin losses stay near ln 2 for
-  ~1500 steps; at 2400 steps the coarse loss reached 0.40-0.48 and CAM mIoU 0.114-0.126, the level of
-  background everywhere; 3125 steps of batch 32 over 20,000 scenes (lr 1e-3, ~10 min): class-token /
-  coarse losses 0.678 / 0.681 vs the prior's 0.689, CAM mIoU 0.137 (threshold 0.95, the sweep's edge).
-  A classifier ViT from scratch needs far more images than a pixel-supervised one. The test checks the whole chain (CAM training, CAM evaluation, pseudo-label
-  PNGs, clipped retraining on them), not a quality figure."""
+- weaktr/scenes_cam.py:runlocal (colour-coded scenes, 400 images, 1200 steps of batch 8, ~45 s): class
+  loss 0.69 -> 0.19-0.26, validation CAM mIoU 0.31 at threshold 0.3 (background everywhere: 0.12);
+  the train split's CAMs (the pseudo-labels) 0.27 at 0.35. Before the departures its docstring lists
+  (default scenes, timm augmentation, refined CAMs) it stayed at the background level.
+- weaktr/scenes_seg.py:runlocal,linear on those pseudo-labels with the clipping loss: mIoU 0.186 at 600
+  steps (~45 s), 0.201 at 1500 (prior 0.125); the mask-transformer decoder stays at 0.125 after 1500.
+  The same linear Segmenter on the same 400 scenes' ground truth reaches 0.84: the pseudo-labels of a
+  tiny from-scratch stage 1 on an 8x8 patch grid are the limit."""
 import json
 import pathlib
 
@@ -57,8 +59,10 @@ def test_weaktr_cams_pseudo_labels_and_clipped_retraining(tmp_path):
     import importlib.util
     data = f"dataset.data_dir={tmp_path / 'data'}"
     cam = _run("configs/weaktr/scenes_cam.py:runlocal", tmp_path / "cam", data)
-    assert all(0 < loss < 3.5 for loss in _losses(tmp_path / "cam", "loss"))
-    assert len(cam["cam_miou_curve"]) == len(cam["thresholds"]) and 0 < cam["cam_miou"] <= 1
+    class_losses = _losses(tmp_path / "cam", "cls")
+    assert max(class_losses[-4:]) < 0.5 < min(class_losses[:4]), class_losses
+    assert len(cam["cam_miou_curve"]) == len(cam["thresholds"])
+    assert cam["cam_miou"] > 0.25, cam  # background everywhere: 0.12
 
     spec = importlib.util.spec_from_file_location("make_pseudo_labels", "tools/make_pseudo_labels.py")
     tool = importlib.util.module_from_spec(spec)
@@ -68,12 +72,16 @@ def test_weaktr_cams_pseudo_labels_and_clipped_retraining(tmp_path):
                       "--dataset", f"jaxseg_scenes/{build}", "--out_dir", str(tmp_path / "pseudo")]) == 0
     report = json.loads((tmp_path / "pseudo" / "report.json").read_text())
     assert report["examples"] == 400 and len(list((tmp_path / "pseudo").glob("*.png"))) == 400
+    # The run's refine_cams and best threshold.
+    assert report["refined"] is False and report["threshold"] == cam["best_threshold"], report
+    assert report["best_miou"] > 0.22, report
 
-    seg = _run("configs/weaktr/scenes_seg.py:runlocal", tmp_path / "seg", data, "total_steps=60",
-               "warmup_steps=10", "log_every=10", "dataset.num_train=400", f"pseudo_labels_dir={tmp_path / 'pseudo'}")
+    seg = _run("configs/weaktr/scenes_seg.py:runlocal,linear", tmp_path / "seg", data, "total_steps=600",
+               f"pseudo_labels_dir={tmp_path / 'pseudo'}")
     logged = [json.loads(line) for line in (tmp_path / "seg" / "train_metrics.jsonl").read_text().splitlines()]
     assert all(0 < entry["kept_fraction"] <= 1 for entry in logged)
-    assert 0 <= seg["mean_iou"] <= 1 and seg["step"] == 60
+    assert any(entry["kept_fraction"] < 1 for entry in logged)  # the clipping gate did clip
+    assert seg["mean_iou"] > 0.16 and seg["step"] == 600, seg  # background prior: 0.125
 
 
 def test_clipped_segmenter_without_pseudo_labels_is_refused(tmp_path):

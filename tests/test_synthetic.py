@@ -97,6 +97,8 @@ def test_ignore_border_is_exactly_the_band_around_segment_edges(width):
     (dict(stuff_per_image=(1, 4)), "stuff_per_image"), (dict(scale_range=0.2), "scale_range"),
     (dict(scale_range=(0.0, 0.2)), "scale_range"), (dict(min_visible_fraction=1.5), "min_visible"),
     (dict(ignore_border=-1), "ignore_border"), (dict(seed=-1), "seed"), (dict(seed=np.int64(1)), "seed"),
+    (dict(hue_spread=0.6), "hue_spread"), (dict(hue_spread="0.1"), "hue_spread"),
+    (dict(saturation_range=(0.5, 1.2)), "saturation_range"), (dict(saturation_range=(0.9, 0.5)), "saturation_range"),
 ])
 def test_bad_config_values_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -189,6 +191,17 @@ def test_colour_alone_does_not_identify_the_class_but_texture_does():
     assert accuracy["knn texture"] > 0.8, accuracy
 
 
+def test_colour_coded_scenes_make_colour_a_cue():
+    """The WSSS scenes' colours (`config_lib.COLOUR_CODED`): a 5-NN on segment mean colours reaches a mean
+    class accuracy of 0.87 (measured, 64 px, 150 / 60 scenes; 0.18 on the default scenes at 64 px)."""
+    from jaxseg.train.config_lib import COLOUR_CODED
+    config = SceneConfig(image_size=64, **COLOUR_CODED)
+    train_colour, _, train_y = _segments([generate_scene(config, i) for i in range(150)])
+    test_colour, _, test_y = _segments([generate_scene(config, 10_000 + i) for i in range(60)])
+    by_colour = _knn(train_colour, train_y, test_colour, config.num_classes)
+    assert _mean_class_accuracy(by_colour, test_y, config.num_classes) > 0.75
+
+
 def test_silhouettes_differ():
     """Every pair of thing classes, at the same position, size and rotation, overlaps by IoU < 0.8;
     every silhouette fits the window that the generator computes it over."""
@@ -212,6 +225,10 @@ def test_tfds_build_and_read_back(tmp_path):
     had_tensorflow = "tensorflow" in sys.modules
     config = scenes_config(image_size=64, num_train=16, num_val=8)
     assert config.name == "64px-16-8-seed0"
+    # Non-default colours are part of the name, so a build of other colours is never read for them.
+    coded = scenes_config(image_size=64, num_train=16, num_val=8, hue_spread=0.03, saturation_range=(0.5, 0.9))
+    assert coded.name == "64px-16-8-seed0-hue0.03-sat0.5-0.9"
+    assert coded.parameters()["scene"]["hue_spread"] == 0.03
     # Two worker processes: the examples must come out in order and equal to the generator's.
     JaxsegScenes(config=config, data_dir=tmp_path, num_workers=2).download_and_prepare(
         file_format="array_record")

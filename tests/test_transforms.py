@@ -318,6 +318,14 @@ def test_weaktr_stage1_example():
     np.testing.assert_array_equal(outs[0]["image"], outs[1]["image"])
     assert not np.array_equal(outs[0]["image"], outs[2]["image"])
     np.testing.assert_array_equal(outs[0]["labels"], example["labels"])
+    # "flip": the whole image resized, mirrored or not, normalised.
+    resized = T.normalize_image(T.resize({"image": example["image"]}, (32, 32))["image"])
+    flips = [T.weaktr_stage1_example(example, np.random.default_rng(seed), size=32, augmentation="flip")["image"]
+             for seed in range(8)]
+    assert all(np.array_equal(f, resized) or np.array_equal(f, resized[:, ::-1]) for f in flips)
+    assert any(np.array_equal(f, resized) for f in flips) and any(np.array_equal(f, resized[:, ::-1]) for f in flips)
+    with pytest.raises(ValueError, match="augmentation must be one of"):
+        T.weaktr_stage1_example(example, np.random.default_rng(0), size=32, augmentation="none")
 
 
 def test_ratio_rescale_follows_mmcv_rule():

@@ -1,7 +1,8 @@
 """Builds a jaxseg dataset as TFDS ArrayRecord files (no TensorFlow needed).
 
     python tools/make_dataset.py scenes --data_dir DIR [--num_train 2000 --num_val 500
-        --image_size 128 --seed 0 --name NAME --workers N --overwrite]
+        --image_size 128 --seed 0 --hue_spread 0.3 --saturation_range 0.2 0.9 --name NAME --workers N
+        --overwrite]
     python tools/make_dataset.py {voc,ade20k,cityscapes,coco_panoptic} --manual_dir DOWNLOADS --data_dir DIR
 
 The official datasets are read from their extracted downloads in DOWNLOADS (the layout each expects is
@@ -70,7 +71,8 @@ def _report(builder, data_dir: str, seconds: float | None) -> None:
 def build_scenes(args: argparse.Namespace) -> int:
     try:
         config = scenes_config(image_size=args.image_size, num_train=args.num_train,
-                               num_val=args.num_val, seed=args.seed, name=args.name)
+                               num_val=args.num_val, seed=args.seed, name=args.name,
+                               hue_spread=args.hue_spread, saturation_range=args.saturation_range)
         builder = JaxsegScenes(config=config, data_dir=args.data_dir, num_workers=args.workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -124,6 +126,10 @@ def main(argv=None) -> int:
     scenes.add_argument("--num_val", "--num-val", type=int, default=500)
     scenes.add_argument("--image_size", "--image-size", type=int, default=128, help="side in pixels")
     scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--hue_spread", "--hue-spread", type=float,
+                        help="hue range of a class around its own hue (default 0.3: colour is no cue)")
+    scenes.add_argument("--saturation_range", "--saturation-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+                        help="saturation range of the colours (default 0.2 0.9)")
     scenes.add_argument("--name", help="config name (default: 'default' or one made of the values)")
     scenes.add_argument("--workers", type=int, help="generating processes (default: one per CPU)")
     scenes.add_argument("--overwrite", action="store_true",

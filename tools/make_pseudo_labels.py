@@ -14,7 +14,9 @@ the params file or the run's `config.json` (written by `tools/train.py`), and so
 foreground classes and the ground-truth label space (`--ground_truth`, default "categories" without a
 run: "categories" when the first `--num_foreground` categories are the foreground, c -> c + 1 and other
 categories -> background 0; "wsss" when the dataset's labels already are background 0 + classes 1..C,
-as VOC's).
+as VOC's), and whether the CAMs are refined by the patch attention (`--refine` / `--no-refine`, default
+the run's `refine_cams`, else refined). The PNGs take the background threshold that the run's last CAM
+evaluation found best (`eval.json`), unless `--threshold` is given.
 """
 import argparse
 import json
@@ -52,8 +54,12 @@ def main(argv=None) -> int:
                         help="label space of the dataset's semantic maps (default: the run's config, "
                         "else categories)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.2])
-    parser.add_argument("--threshold", type=float, default=PSEUDO_LABEL_THRESHOLD,
-                        help="background threshold of the PNGs")
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction,
+                        help="refine the CAMs by the patch attention, R = PA . M (default: the run's "
+                        "refine_cams, else yes)")
+    parser.add_argument("--threshold", type=float,
+                        help="background threshold of the PNGs (default: the best of the run's last CAM "
+                        f"evaluation, CHECKPOINT/eval.json, else {PSEUDO_LABEL_THRESHOLD})")
     parser.add_argument("--sweep", type=float, nargs="+", default=[round(0.05 * i, 2) for i in range(2, 20)])
     parser.add_argument("--limit", type=int, help="only the first N examples")
     parser.add_argument("--overwrite", action="store_true")
@@ -95,6 +101,12 @@ def main(argv=None) -> int:
     model = WeakTr(**model_config)
     args.num_foreground = args.num_foreground or model.num_classes
     ground_truth = args.ground_truth or run_config.get("dataset", {}).get("ground_truth", "categories")
+    refine_cams = run_config.get("refine_cams", True) if args.refine is None else args.refine
+    threshold = args.threshold
+    if threshold is None:
+        run_eval_path = checkpoint / "eval.json"
+        run_eval = json.loads(run_eval_path.read_text()) if run_eval_path.is_file() else {}
+        threshold = run_eval.get("best_threshold", PSEUDO_LABEL_THRESHOLD)
     if model.num_classes != args.num_foreground:
         print(f"error: the model has {model.num_classes} classes, --num_foreground is {args.num_foreground}",
               file=sys.stderr)
@@ -113,7 +125,7 @@ def main(argv=None) -> int:
     @jax.jit
     def cam_fn(views):
         out = model.apply({"params": params}, views)
-        return out["fused_cam"], out["patch_attention"]
+        return out["fused_cam"], out["patch_attention"] if refine_cams else None
 
     count = min(len(source), args.limit or len(source))
     cams, labels, truths = [], [], []
@@ -123,13 +135,14 @@ def main(argv=None) -> int:
         image = normalize(example["image"].astype(np.float32) / 255)
         present = np.asarray(example["labels"][:args.num_foreground], np.float32)
         normalized = normalize_cams(multiscale_cams(cam_fn, image, present, patch, args.scales), present)
-        label_map = np.asarray(pseudo_label(normalized, present, args.threshold))
+        label_map = np.asarray(pseudo_label(normalized, present, threshold))
         label_png(label_map).save(out_dir / f"{image_name(example, i)}.png")
         if "semantic" in example:
             cams.append(np.asarray(normalized))
             labels.append(present)
             truths.append(wsss_semantic(example, args.num_foreground, ground_truth))
-    report = {"examples": count, "seconds": time.perf_counter() - start, "threshold": args.threshold}
+    report = {"examples": count, "seconds": time.perf_counter() - start, "threshold": threshold,
+              "refined": refine_cams}
     if cams:
         report.update(threshold_sweep(cams, labels, truths, args.sweep))
         report["per_class_iou"] = [None if np.isnan(v) else float(v) for v in report["per_class_iou"]]

@@ -2,9 +2,10 @@
 
 A scene is a background of "stuff" regions (large smooth areas from low-frequency noise, each class
 with its own texture) with "thing" objects pasted on top (countable instances, one silhouette and one
-texture per class) at random scale, rotation, position and count, occluding each other. Colour does not
-identify a class: every class draws its colours from a wide hue range that overlaps the others', so a
-model has to use shape and texture. Pixels are processed as whole arrays (Python loops run over objects
+texture per class) at random scale, rotation, position and count, occluding each other. By default colour
+does not identify a class: every class draws its colours from a wide hue range that overlaps the others',
+so a model has to use shape and texture; a small `hue_spread` (with saturated colours) makes colour a cue,
+the easier variant that weakly supervised training from scratch needs on a CPU budget. Pixels are processed as whole arrays (Python loops run over objects
 and stuff classes only), and a scene is a function of `(config.seed, index)` alone: bit for bit on a
 given numpy build and CPU; elsewhere float rounding may move a few boundary pixels, which is one reason
 to build the dataset once (`jaxseg.data.builders.scenes`) and share the files.
@@ -47,10 +48,7 @@ THING_TEXTURES = (("stripes", 0.07), ("checker", 0.10), ("dots", 0.09), ("rings"
 # Texture period of each stuff class, as a fraction of the image size.
 STUFF_PERIODS = (0.35, 0.10, 0.04, 0.12, 0.12)
 
-# Colour statistics: a class draws its hue uniformly within _HUE_SPREAD of its own centre, so each hue
-# is shared by about 2 * _HUE_SPREAD * K classes; saturation and value ranges are the same for all.
-_HUE_SPREAD = 0.3
-_SATURATION = (0.2, 0.9)
+# Value range of every segment's colour, for all classes.
 _VALUE = (0.35, 1.0)
 _PIXEL_NOISE = 4.0  # std of the Gaussian pixel noise, in 8-bit levels
 
@@ -71,6 +69,10 @@ class SceneConfig:
       rotation_range: object rotation in degrees, drawn uniformly.
       min_visible_fraction: objects with a smaller visible part of their in-image area are left out.
       ignore_border: width in pixels of the ignore band on each side of a segment boundary (0: none).
+      hue_spread: a segment's hue is drawn uniformly within this distance (in [0, 0.5], turns of the
+        colour wheel) of its class's hue; at the default 0.3 each hue is shared by about 0.6 K classes,
+        below about 0.5 / K the classes' hues no longer overlap.
+      saturation_range: inclusive (min, max) saturation of a segment's colour, in [0, 1].
       seed: dataset seed (>= 0); scene `index` uses `np.random.default_rng([seed, index])`.
     """
     image_size: int = 128
@@ -82,6 +84,8 @@ class SceneConfig:
     rotation_range: tuple[float, float] = (0.0, 360.0)
     min_visible_fraction: float = 0.3
     ignore_border: int = 1
+    hue_spread: float = 0.3
+    saturation_range: tuple[float, float] = (0.2, 0.9)
     seed: int = 0
 
     def __post_init__(self):
@@ -120,6 +124,9 @@ class SceneConfig:
               f"min_visible_fraction must be in [0, 1], got {self.min_visible_fraction!r}")
         check(is_int(self.ignore_border) and self.ignore_border >= 0,
               f"ignore_border must be an integer >= 0, got {self.ignore_border!r}")
+        check(isinstance(self.hue_spread, (int, float)) and 0 <= self.hue_spread <= 0.5,
+              f"hue_spread must be in [0, 0.5], got {self.hue_spread!r}")
+        check_range("saturation_range", low=0, high=1)
         check(is_int(self.seed) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
 
     @property
@@ -218,11 +225,12 @@ def _hsv_to_rgb(h, s, v) -> np.ndarray:
     return v[..., None] - (v * s)[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1)
 
 
-def _draw_colours(rng: np.random.Generator, hue_centre: float) -> tuple[np.ndarray, np.ndarray]:
+def _draw_colours(rng: np.random.Generator, config: SceneConfig,
+                  hue_centre: float) -> tuple[np.ndarray, np.ndarray]:
     """Base and pattern colour (3,) in [0, 255] of one segment: the pattern colour is a darker, slightly
     hue-shifted version of the base, so textures show mostly as luminance, with random contrast."""
-    hue = hue_centre + rng.uniform(-_HUE_SPREAD, _HUE_SPREAD)
-    saturation, value = rng.uniform(*_SATURATION), rng.uniform(*_VALUE)
+    hue = hue_centre + rng.uniform(-config.hue_spread, config.hue_spread)
+    saturation, value = rng.uniform(*config.saturation_range), rng.uniform(*_VALUE)
     base = _hsv_to_rgb(np.array(hue), np.array(saturation), np.array(value))
     pattern = _hsv_to_rgb(np.array(hue + rng.uniform(-0.05, 0.05)), np.array(saturation),
                           np.array(value * rng.uniform(0.25, 0.75)))
@@ -235,9 +243,10 @@ def _hue_centre(category: int) -> float:
     return (category * 0.618034) % 1.0
 
 
-def _paint(rng: np.random.Generator, pattern: str, period: float, u, v, hue_centre: float) -> np.ndarray:
+def _paint(rng: np.random.Generator, config: SceneConfig, pattern: str, period: float, u, v,
+           hue_centre: float) -> np.ndarray:
     """(..., 3) float32 textured colour in [0, 255] at the coordinates (u, v) of shape (...)."""
-    base, dark = _draw_colours(rng, hue_centre)
+    base, dark = _draw_colours(rng, config, hue_centre)
     t = _texture(pattern, u, v, period, rng)[..., None]
     return (base + (dark - base) * t).astype(np.float32)
 
@@ -304,7 +313,7 @@ def _stuff_layer(rng, config: SceneConfig, px, py):
         mask = region == r
         if mask.any():  # the argmax can leave a class without pixels
             u, v = _rotated(px[mask] + offset_x, py[mask] + offset_y, angle)
-            image[mask] = _paint(rng, STUFF_TEXTURES[c], STUFF_PERIODS[c] * size, u, v,
+            image[mask] = _paint(rng, config, STUFF_TEXTURES[c], STUFF_PERIODS[c] * size, u, v,
                                  _hue_centre(things + c))
     return region, things + classes, image
 
@@ -336,7 +345,7 @@ def _objects(rng, config: SceneConfig, px, py) -> list[_Object]:
         u, v = _rotated(px[window] - centre_x, py[window] - centre_y, rotation)
         distance = _shape_distance(THING_SHAPES[category], u / radius, v / radius) * radius
         pattern, period = THING_TEXTURES[category]
-        paint = _paint(rng, pattern, period * size, u, v, _hue_centre(category))
+        paint = _paint(rng, config, pattern, period * size, u, v, _hue_centre(category))
         objects.append(_Object(category, window, distance, paint))
     return objects
 

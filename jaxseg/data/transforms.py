@@ -368,11 +368,22 @@ def random_erasing(example: dict, rng: np.random.Generator, p: float = 0.25,
     return example
 
 
-def weaktr_stage1_example(example: dict, rng: np.random.Generator, size: int = 224) -> dict:
+STAGE1_AUGMENTATIONS = ("timm", "flip")
+
+
+def weaktr_stage1_example(example: dict, rng: np.random.Generator, size: int = 224,
+                          augmentation: str = "timm") -> dict:
     """WeakTr's stage-1 training augmentation of {"image": (H, W, 3) uint8, "labels": image-level labels}
-    in timm's order: random resized crop, flip, RandAugment, normalisation, random erasing ->
-    {"image": (size, size, 3) float32 normalised, "labels"}."""
+    -> {"image": (size, size, 3) float32 normalised, "labels"}. "timm": the recipe, in timm's order:
+    random resized crop, flip, RandAugment, normalisation, random erasing. "flip": resize to size x size,
+    flip, normalisation, for images whose labels hold for small crops no more (a random resized crop
+    keeps as little as 8 % of the image, while the labels still name every object in the whole image)."""
+    if augmentation not in STAGE1_AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {STAGE1_AUGMENTATIONS}, got {augmentation!r}")
     x = {"image": example["image"]}
+    if augmentation == "flip":
+        x = random_hflip(resize(x, (size, size)), rng)
+        return {"image": normalize_image(x["image"]), "labels": example["labels"]}
     x = random_resized_crop(x, rng, (size, size))
     x = random_hflip(x, rng)
     x = rand_augment(x, rng)

@@ -12,13 +12,20 @@ from jaxseg.train.sharding import DEFAULT_RULES
 # The scenes' foreground for weakly supervised segmentation: their thing classes (categories 0..T-1).
 SCENES_THINGS = SceneConfig().num_thing_classes
 SCENES_CLASSES = SceneConfig().num_classes
+# The scenes' colours for weakly supervised training: each class keeps close to its own saturated hue.
+# In the default scenes only shape and texture tell the classes apart, and a ViT trained from scratch on
+# image-level labels alone stays at the label prior there for thousands of CPU steps.
+COLOUR_CODED = dict(hue_spread=0.03, saturation_range=(0.5, 0.9))
 
 
-def scenes_dataset(runlocal: bool, *, ground_truth: str = "categories") -> ml_collections.ConfigDict:
+def scenes_dataset(runlocal: bool, *, colour_coded: bool = False) -> ml_collections.ConfigDict:
+    """The generated scenes (`jaxseg.data.synthetic`); `colour_coded`: the COLOUR_CODED variant."""
+    colours = COLOUR_CODED if colour_coded else dict(hue_spread=SceneConfig.hue_spread,
+                                                      saturation_range=SceneConfig.saturation_range)
     return ml_collections.ConfigDict(dict(
         name="jaxseg_scenes", data_dir="", image_size=64 if runlocal else 128,
         num_train=400 if runlocal else 2000, num_val=48 if runlocal else 500,
-        train_split="train", eval_split="validation", ground_truth=ground_truth))
+        train_split="train", eval_split="validation", ground_truth="categories", **colours))
 
 
 def add_training_defaults(config: ml_collections.ConfigDict, *, runlocal: bool) -> None:
@@ -34,13 +41,16 @@ def add_training_defaults(config: ml_collections.ConfigDict, *, runlocal: bool) 
     config.sharding_rules = DEFAULT_RULES
 
 
-def scenes_segmenter(runlocal: bool, decoder: str) -> ml_collections.ConfigDict:
+def scenes_segmenter(arg: str, *, colour_coded: bool = False) -> ml_collections.ConfigDict:
     """The scenes Segmenter of `configs/segmenter/scenes.py` (ground truth) and
-    `configs/weaktr/scenes_seg.py` (pseudo-labels): same model, WeakTr's stage-2 optimiser and
-    augmentation."""
+    `configs/weaktr/scenes_seg.py` (pseudo-labels, on the colour-coded scenes of stage 1): same model,
+    WeakTr's stage-2 optimiser and augmentation. `arg`: "runlocal" (tiny model, 64 px) or "", with
+    ",linear" for the linear decoder of the plain Segmenter instead of the mask transformer."""
+    choice, runlocal = parse_arg(arg, ("linear",))
+    decoder = "linear" if choice else "mask_transformer"
     config = ml_collections.ConfigDict()
     config.task = "segmenter"
-    config.dataset = scenes_dataset(runlocal)
+    config.dataset = scenes_dataset(runlocal, colour_coded=colour_coded)
     width, depth, heads = (64, 4, 4) if runlocal else (192, 12, 3)
     config.model = ml_collections.ConfigDict(dict(
         encoder=dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=8,
@@ -52,7 +62,9 @@ def scenes_segmenter(runlocal: bool, decoder: str) -> ml_collections.ConfigDict:
     config.base_size = 70 if runlocal else 138  # WeakTr's 520 / 480 ratio of rescale base to crop
     config.batch_size = 8
     config.total_steps = 1500 if runlocal else 20_000
-    if runlocal:  # 400 images are overfitted before the model leaves the background prior
+    # 400 default scenes are overfitted before the model leaves the background prior; the colour-coded
+    # ones are stage 1's dataset, whose pseudo-labels stage 2 reads.
+    if runlocal and not colour_coded:
         config.dataset.num_train = 2000
     # From scratch, SGD (the recipe's, tuned for fine-tuning) stays at the background prior: AdamW with a
     # warm-up, the encoder at full rate, and a milder augmentation (no colour distortion: colour does
@@ -175,6 +187,8 @@ def weaktr_cam_config(arg: str, *, dataset: ml_collections.ConfigDict, num_class
     config.warmup_lr = 1e-6
     config.min_lr = 1e-5
     config.eval_scales = (1.0,)
+    config.augmentation = "timm"
+    config.refine_cams = True
     add_training_defaults(config, runlocal=runlocal)
     config.eval_every = 0 if runlocal else steps_per_epoch
     # Initialised from ImageNet DeiT-S with its class token (and its position) copied C times.

@@ -67,7 +67,8 @@ def dataset_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path) ->
 
     data_dir = pathlib.Path(dataset.data_dir or workdir / "data")
     builder_config = scenes_config(image_size=dataset.image_size, num_train=dataset.num_train,
-                                   num_val=dataset.num_val)
+                                   num_val=dataset.num_val, hue_spread=dataset.get("hue_spread"),
+                                   saturation_range=dataset.get("saturation_range"))
     JaxsegScenes(config=builder_config, data_dir=data_dir).download_and_prepare(file_format="array_record")
     return {split: tfds.data_source(f"jaxseg_scenes/{builder_config.name}", data_dir=data_dir, split=split)
             for split in splits}
@@ -97,7 +98,8 @@ def weaktr_cam_task(config: ml_collections.ConfigDict, sources: dict) -> WeakTrC
                          weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
                          warmup_lr=config.warmup_lr, min_lr=config.min_lr,
                          ground_truth=config.dataset.ground_truth,
-                         eval_source=sources.get(config.dataset.eval_split), eval_scales=tuple(config.eval_scales))
+                         eval_source=sources.get(config.dataset.eval_split), eval_scales=tuple(config.eval_scales),
+                         augmentation=config.augmentation, refine_cams=config.refine_cams)
 
 
 def segmenter_task(config: ml_collections.ConfigDict, sources: dict) -> SegmenterTask:

@@ -21,7 +21,8 @@ from PIL import Image
 
 from jaxseg.data.datasets import image_name
 from jaxseg.data.pipeline import train_dataset
-from jaxseg.data.transforms import normalize_image, weaktr_stage1_example, weaktr_stage2_example
+from jaxseg.data.transforms import (STAGE1_AUGMENTATIONS, normalize_image, weaktr_stage1_example,
+                                    weaktr_stage2_example)
 from jaxseg.inference.semantic import multiscale_flip_probs
 from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
 from jaxseg.losses.multilabel import cam_loss
@@ -82,8 +83,9 @@ class _ImageTask:
 @dataclasses.dataclass
 class WeakTrCamTask(_ImageTask):
     """WeakTr (or MCTformer) stage 1 with its recipe: the three soft-margin losses, AdamW (wd 0.03 on all
-    parameters) with timm's per-epoch cosine, timm's training augmentation; evaluation = CAM mIoU over a
-    background-threshold sweep (multi-scale + flip CAMs, refined, normalised)."""
+    parameters) with timm's per-epoch cosine, timm's training augmentation (`augmentation`, see
+    `weaktr_stage1_example`); evaluation = CAM mIoU over a background-threshold sweep (multi-scale + flip
+    CAMs, refined by the patch attention unless `refine_cams` is False, normalised)."""
     model: dict
     source: Sequence[dict]
     total_steps: int
@@ -98,6 +100,8 @@ class WeakTrCamTask(_ImageTask):
     ground_truth: str = "categories"
     eval_source: Sequence[dict] | None = None
     eval_scales: tuple[float, ...] = (1.0, 1.2)
+    augmentation: str = "timm"
+    refine_cams: bool = True
     thresholds: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 20))
     threshold: float = PSEUDO_LABEL_THRESHOLD  # of `infer`'s label maps
 
@@ -108,6 +112,8 @@ class WeakTrCamTask(_ImageTask):
         if self.total_steps % self.steps_per_epoch:
             raise ValueError(f"total_steps {self.total_steps} must be a whole number of epochs of "
                              f"{self.steps_per_epoch} steps")
+        if self.augmentation not in STAGE1_AUGMENTATIONS:  # fail here, not in the data workers
+            raise ValueError(f"augmentation must be one of {STAGE1_AUGMENTATIONS}, got {self.augmentation!r}")
 
     def optimizer(self, params: Any):
         return weaktr_cam_optimizer(params, steps_per_epoch=self.steps_per_epoch,
@@ -123,7 +129,7 @@ class WeakTrCamTask(_ImageTask):
     def transform(self, example: dict, rng: np.random.Generator) -> dict:
         example = {"image": np.asarray(example["image"]),
                    "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
-        return weaktr_stage1_example(example, rng, size=self.crop_size)
+        return weaktr_stage1_example(example, rng, size=self.crop_size, augmentation=self.augmentation)
 
     def _cam_outputs(self, params: Any, views: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         out = self.network.apply({"params": params}, views)
@@ -135,7 +141,8 @@ class WeakTrCamTask(_ImageTask):
         """(C, H, W) multi-scale + flip CAMs of a uint8 (H, W, 3) image over `eval_scales`, refined and
         min-max normalised per present class ((C,) multi-hot `present`; absent classes are 0)."""
         def cam_fn(views):  # params as an argument, not baked into the program as constants
-            return self._cams(params, views)[:2]
+            fused, patch_attention, _ = self._cams(params, views)
+            return fused, patch_attention if self.refine_cams else None
 
         summed = multiscale_cams(cam_fn, normalize_image(image), present, self.model["encoder"]["patch_size"],
                                  self.eval_scales)
@@ -155,14 +162,15 @@ class WeakTrCamTask(_ImageTask):
 
     def infer(self, params: Any, image: np.ndarray, labels: np.ndarray | None = None) -> dict:
         """One uint8 (H, W, 3) image -> {"semantic": (H, W) pseudo-label map at `threshold` (0 background,
-        c + 1 class c), "cams": (C, H, W) normalised CAMs}. `labels`: image-level multi-hot labels (cut to
+        c + 1 class c), "cams": (C, H, W) normalised CAMs, "cam_classes": the present classes' indices}. `labels`: image-level multi-hot labels (cut to
         the C classes as in `evaluate`); None: the classes the model predicts present."""
         if labels is None:
             present = self.predicted_labels(params, image)
         else:
             present = np.asarray(labels[:self.num_classes], np.float32)
         cams = self.normalized_cams(params, image, present)
-        return {"semantic": np.asarray(pseudo_label(cams, present, self.threshold)), "cams": cams}
+        return {"semantic": np.asarray(pseudo_label(cams, present, self.threshold)), "cams": cams,
+                "cam_classes": np.flatnonzero(present)}
 
     def evaluate(self, params: Any, mesh: jax.sharding.Mesh, rules) -> dict:
         """CAM mIoU (background + C classes) of every `eval_source` example at each threshold. Every host

@@ -3,7 +3,8 @@
 Per image (`engine.py` generate_attention_maps_ms, `evaluation.py` of the originals):
   1. passes at several scales (the image resized with bicubic, then cropped to a multiple of the patch
      size as the patch embedding floors it), each also horizontally flipped;
-  2. per pass the fused CAM M is refined by the patch affinity, R = PA . M, upsampled bilinearly to the
+  2. per pass the fused CAM M is refined by the patch affinity, R = PA . M (unless the CAM function gives
+     no PA: a model whose attention is too diffuse for refinement), upsampled bilinearly to the
      original size, multiplied by the image labels (absent classes become 0) and un-flipped;
   3. the passes are summed and each present class min-max normalised to [0, 1];
   4. pseudo-label: argmax over [background plane at threshold t, present-class maps]; background is 0 and
@@ -23,8 +24,8 @@ from jaxseg.metrics.semantic import confusion_matrix, miou_from_confusion
 from jaxseg.ops.resize import resize
 
 Array = jax.Array
-# (1, H, W, 3) image -> (fused CAM (1, C, h, w), patch attention (1, h*w, h*w)).
-CamFn = Callable[[Array], tuple[Array, Array]]
+# (1, H, W, 3) image -> (fused CAM (1, C, h, w), patch attention (1, h*w, h*w) or None: no refinement).
+CamFn = Callable[[Array], tuple[Array, Array | None]]
 
 
 def foreground_labels(semantic, num_foreground: int) -> np.ndarray:
@@ -59,7 +60,7 @@ def multiscale_cams(cam_fn: CamFn, image: Array, labels: Array, patch_size: int,
         for flip in (False, True):
             view = scaled[:, ::-1] if flip else scaled
             fused, patch_attention = cam_fn(view[None])
-            cam = refine(fused, patch_attention)[0]
+            cam = (fused if patch_attention is None else refine(fused, patch_attention))[0]
             cam = resize(cam, (height, width), method="bilinear", axes=(1, 2)) * labels[:, None, None]
             cam = cam[:, :, ::-1] if flip else cam
             total = cam if total is None else total + cam

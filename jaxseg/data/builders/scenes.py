@@ -76,16 +76,26 @@ DEFAULT = ScenesConfig(name="default", description="128x128 scenes, 6 thing + 3 
 
 
 def scenes_config(image_size: int = 128, num_train: int = 2000, num_val: int = 500, seed: int = 0,
-                  name: str | None = None) -> ScenesConfig:
-    """A config with the default generator settings at this size and seed: the built-in "default" when
-    everything matches it, else one named `name` or after its values, e.g. "64px-16-8-seed0"."""
-    scene = SceneConfig(image_size=image_size, seed=seed)
+                  name: str | None = None, *, hue_spread: float | None = None,
+                  saturation_range: tuple[float, float] | None = None) -> ScenesConfig:
+    """A config of the generator at this size and seed (colours: `SceneConfig`'s defaults where None):
+    the built-in "default" when everything matches it, else one named `name` or after its values, e.g.
+    "64px-16-8-seed0", or "64px-16-8-seed0-hue0.03-sat0.5-0.9" with non-default colours."""
+    colours = {key: value for key, value in (("hue_spread", hue_spread), ("saturation_range", saturation_range))
+               if value is not None}
+    scene = SceneConfig(image_size=image_size, seed=seed, **colours)
     if name is None and (scene, num_train, num_val) == (DEFAULT.scene, DEFAULT.num_train, DEFAULT.num_val):
         return DEFAULT
-    name = name or f"{image_size}px-{num_train}-{num_val}-seed{seed}"
+    if name is None:
+        name = f"{image_size}px-{num_train}-{num_val}-seed{seed}"
+        if scene.hue_spread != DEFAULT.scene.hue_spread:
+            name += f"-hue{scene.hue_spread:g}"
+        if scene.saturation_range != DEFAULT.scene.saturation_range:
+            name += "-sat{:g}-{:g}".format(*scene.saturation_range)
     return ScenesConfig(name=name, scene=scene, num_train=num_train, num_val=num_val,
                         description=f"{image_size}x{image_size} scenes, {num_train} train / "
-                                    f"{num_val} validation, seed {seed}")
+                                    f"{num_val} validation, seed {seed}, hue spread {scene.hue_spread:g}, "
+                                    "saturation {:g}-{:g}".format(*scene.saturation_range))
 
 
 def _example(scene_config: SceneConfig, index: int) -> dict:
