@@ -6,7 +6,7 @@ import pytest
 
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.ops.resize import resize
-from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, refine, threshold_sweep
+from jaxseg.wsss.cam import ThresholdSweep, multiscale_cams, normalize_cams, pseudo_label, refine
 
 RNG = np.random.default_rng(0)
 
@@ -71,11 +71,21 @@ def test_normalisation_and_pseudo_labels():
 
 
 def test_threshold_sweep_matches_direct_miou():
-    cams = [np.asarray(normalize_cams(RNG.random((3, 8, 8)), [1, 1, 0])) for _ in range(4)]
+    cams = [np.array(normalize_cams(RNG.random((3, 8, 8)), [1, 1, 0])) for _ in range(4)]
     labels = [np.array([1, 1, 0])] * 4
     gts = [RNG.integers(0, 4, (8, 8)) for _ in range(4)]
     gts[0][0, :] = 255
-    result = threshold_sweep(cams, labels, gts, [0.3, 0.5])
+    cams[1][0, 0, :] = 0.5  # ties with the background plane go to the background
+    # One image without any present class: background everywhere.
+    cams.append(np.zeros((3, 8, 8), np.float32))
+    labels.append(np.zeros(3))
+    gts.append(RNG.integers(0, 4, (8, 8)))
+    sweep = ThresholdSweep(3, [0.3, 0.5])
+    for c, l, g in zip(cams, labels, gts):
+        sweep.add(c, l, g)
+    result = sweep.result()
+    with pytest.raises(ValueError, match="expected CAMs of 3 classes"):
+        sweep.add(cams[0][:2], labels[0][:2], gts[0])
     for i, t in enumerate((0.3, 0.5)):
         preds = [np.asarray(pseudo_label(c, l, t)) for c, l in zip(cams, labels)]
         ious = []

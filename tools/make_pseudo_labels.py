@@ -36,7 +36,7 @@ from jaxseg.ops.image import normalize
 from jaxseg.train.checkpoint import check_tree_names, restore_params
 from jaxseg.train.wsss_tasks import GROUND_TRUTHS, PSEUDO_LABEL_THRESHOLD, wsss_semantic
 from jaxseg.visualize import label_png
-from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, threshold_sweep
+from jaxseg.wsss.cam import ThresholdSweep, multiscale_cams, normalize_cams, pseudo_label
 
 
 def main(argv=None) -> int:
@@ -123,12 +123,16 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: bad input leaves no empty dir
 
     @jax.jit
-    def cam_fn(views):
+    def cam_outputs(params, views):  # params an argument, not constants baked into the compiled program
         out = model.apply({"params": params}, views)
         return out["fused_cam"], out["patch_attention"] if refine_cams else None
 
+    def cam_fn(views):
+        return cam_outputs(params, views)
+
     count = min(len(source), args.limit or len(source))
-    cams, labels, truths = [], [], []
+    sweep = ThresholdSweep(args.num_foreground, args.sweep)
+    evaluated = 0
     start = time.perf_counter()
     for i in range(count):
         example = source[i]
@@ -138,13 +142,12 @@ def main(argv=None) -> int:
         label_map = np.asarray(pseudo_label(normalized, present, threshold))
         label_png(label_map).save(out_dir / f"{image_name(example, i)}.png")
         if "semantic" in example:
-            cams.append(np.asarray(normalized))
-            labels.append(present)
-            truths.append(wsss_semantic(example, args.num_foreground, ground_truth))
+            sweep.add(normalized, present, wsss_semantic(example, args.num_foreground, ground_truth))
+            evaluated += 1
     report = {"examples": count, "seconds": time.perf_counter() - start, "threshold": threshold,
               "refined": refine_cams}
-    if cams:
-        report.update(threshold_sweep(cams, labels, truths, args.sweep))
+    if evaluated:
+        report.update(sweep.result())
         report["per_class_iou"] = [None if np.isnan(v) else float(v) for v in report["per_class_iou"]]
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "per_class_iou"}))

@@ -30,7 +30,7 @@ from jaxseg.models.segmenter import Segmenter, combine_readouts
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.train.evaluation import evaluate_semantic
 from jaxseg.train.optim import segmenter_optimizer, weaktr_cam_optimizer
-from jaxseg.wsss.cam import foreground_labels, multiscale_cams, normalize_cams, pseudo_label, threshold_sweep
+from jaxseg.wsss.cam import ThresholdSweep, foreground_labels, multiscale_cams, normalize_cams, pseudo_label
 
 GROUND_TRUTHS = ("categories", "wsss")
 # Background threshold of the pseudo-labels (WeakTr's choice for VOC): `tools/make_pseudo_labels.py` and
@@ -177,14 +177,13 @@ class WeakTrCamTask(_ImageTask):
         computes all of it (images differ in size, so this runs per image, not in global batches)."""
         if self.eval_source is None:
             return {}
-        cams, labels, truths = [], [], []
+        accumulator = ThresholdSweep(self.num_classes, self.thresholds)
         for i in range(len(self.eval_source)):
             example = self.eval_source[i]
             present = np.asarray(example["labels"][:self.num_classes], np.float32)
-            cams.append(self.normalized_cams(params, np.asarray(example["image"]), present))
-            labels.append(present)
-            truths.append(wsss_semantic(example, self.num_classes, self.ground_truth))
-        sweep = threshold_sweep(cams, labels, truths, self.thresholds)
+            accumulator.add(self.normalized_cams(params, np.asarray(example["image"]), present), present,
+                            wsss_semantic(example, self.num_classes, self.ground_truth))
+        sweep = accumulator.result()
         return {"cam_miou": float(sweep["best_miou"]), "best_threshold": float(sweep["best_threshold"]),
                 "cam_miou_curve": [float(v) for v in sweep["miou"]], "thresholds": list(self.thresholds),
                 "examples": len(self.eval_source)}

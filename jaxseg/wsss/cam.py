@@ -84,21 +84,36 @@ def pseudo_label(normalized: Array, labels: Array, threshold: float) -> Array:
     return jnp.argmax(jnp.concatenate([background, scores]), axis=0).astype(jnp.int32)
 
 
-def threshold_sweep(normalized_cams: Sequence[Array], image_labels: Sequence[Array],
-                    ground_truths: Sequence[Array], thresholds: Sequence[float],
-                    ignore_index: int = 255) -> dict:
-    """CAM evaluation over a whole split: mIoU (background + C classes, GT 255 ignored) of the pseudo-
-    labels at each background threshold. Returns {"thresholds", "miou": per threshold, "best_threshold",
-    "best_miou", "per_class_iou": at the best threshold}."""
-    num_classes = 1 + normalized_cams[0].shape[0]
-    confusions = np.zeros((len(thresholds), num_classes, num_classes), np.int64)
-    for cams, labels, gt in zip(normalized_cams, image_labels, ground_truths, strict=True):
-        for i, threshold in enumerate(thresholds):
-            prediction = pseudo_label(cams, labels, threshold)
-            confusions[i] += np.asarray(confusion_matrix(jnp.asarray(gt), prediction, num_classes,
-                                                         ignore_index=ignore_index))
-    results = [miou_from_confusion(c) for c in confusions]
-    mious = [r["mean_iou"] for r in results]
-    best = int(np.nanargmax(mious))
-    return {"thresholds": list(thresholds), "miou": mious, "best_threshold": thresholds[best],
-            "best_miou": mious[best], "per_class_iou": results[best]["per_class_iou"]}
+class ThresholdSweep:
+    """CAM evaluation over a split, fed one image at a time (memory stays one (T, K, K) confusion stack
+    however many images): mIoU (background + C classes, GT `ignore_index` ignored) of the pseudo-labels
+    at each of T background thresholds."""
+
+    def __init__(self, num_foreground: int, thresholds: Sequence[float], ignore_index: int = 255):
+        self.thresholds = list(thresholds)
+        self.num_classes = 1 + num_foreground
+        self.ignore_index = ignore_index
+        self.confusions = np.zeros((len(self.thresholds), self.num_classes, self.num_classes), np.int64)
+
+    def add(self, normalized_cams: Array, image_labels: Array, ground_truth: Array) -> None:
+        """One image: (C, H, W) normalised CAMs, (C,) multi-hot labels, (H, W) ground-truth labels."""
+        if normalized_cams.shape[0] != self.num_classes - 1:
+            raise ValueError(f"expected CAMs of {self.num_classes - 1} classes, got {normalized_cams.shape[0]}")
+        # `pseudo_label` at every threshold at once: the best present class wins where it beats the
+        # background plane (argmax gives ties to the background, listed first).
+        present = jnp.asarray(image_labels, bool)[:, None, None]
+        scores = jnp.where(present, jnp.asarray(normalized_cams), -jnp.inf)
+        thresholds = jnp.asarray(self.thresholds, scores.dtype)[:, None, None]
+        predictions = jnp.where(scores.max(0) > thresholds, scores.argmax(0) + 1, 0)
+        count = jax.vmap(lambda prediction: confusion_matrix(jnp.asarray(ground_truth), prediction, self.num_classes,
+                                                             ignore_index=self.ignore_index))
+        self.confusions += np.asarray(count(predictions), np.int64)
+
+    def result(self) -> dict:
+        """{"thresholds", "miou": per threshold, "best_threshold", "best_miou", "per_class_iou": at the best
+        threshold}."""
+        results = [miou_from_confusion(c) for c in self.confusions]
+        mious = [float(r["mean_iou"]) for r in results]
+        best = int(np.nanargmax(mious))
+        return {"thresholds": self.thresholds, "miou": mious, "best_threshold": self.thresholds[best],
+                "best_miou": mious[best], "per_class_iou": results[best]["per_class_iou"]}
