@@ -18,7 +18,9 @@ differ. Hence the reference reads each process's own pipeline and concatenates t
 `make_array_from_process_local_data` does.
 
 `--tasks eomt` trains the tiny EoMT of `trainer_sharding_check.py`; its compilation makes one run take
-~110 s on 2 cores, so the test uses the MLP only.
+~110 s on 2 cores, so the test uses the MLP only. `--eval-meshes` evaluates a tiny untrained WeakTr
+(`cam_task`: CAM mIoU over a threshold sweep on 4 scenes, through the trainer's end-of-run evaluation,
+params laid out by the mesh) into `DIR/cam_eval_<mesh>/process_<I>.json` or `reference.json`.
 """
 import argparse
 import dataclasses
@@ -42,6 +44,7 @@ def parse_args():
     parser.add_argument("--meshes", default="dp,fsdp", help="comma-separated names in MESHES")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--checkpoint-every", type=int, default=2)
+    parser.add_argument("--eval-meshes", default="", help="comma-separated names in MESHES")
     return parser.parse_args()
 
 
@@ -67,6 +70,7 @@ from jaxseg.losses.mask_classification import SetLossConfig  # noqa: E402
 from jaxseg.train import distributed  # noqa: E402
 from jaxseg.train.tasks import EomtTask  # noqa: E402
 from jaxseg.train.trainer import TrainConfig, Trainer  # noqa: E402
+from jaxseg.train.wsss_tasks import WeakTrCamTask  # noqa: E402
 
 # "fsdp" splits parameters over the 4 devices of each process and the batch over both processes;
 # "fsdp8" splits parameters over all 8 devices, so each process holds only half of every split array.
@@ -163,6 +167,24 @@ class AsOneProcess:
         return iter(grain.experimental.ZipIterDataset(per_process).map(concatenate))
 
 
+def cam_task():
+    """A tiny WeakTr stage 1 whose evaluation is a CAM mIoU curve over 18 thresholds: continuous in the
+    CAM values, so nonzero and sensitive even for an untrained model."""
+    scenes = [generate_scene(SceneConfig(image_size=32), i) for i in range(8)]
+    scenes = [dict(s, semantic=s["semantic"][..., None]) for s in scenes]  # as TFDS gives them
+    encoder = dict(width=64, depth=2, num_heads=4, mlp_dim=256, patch_size=8, posemb_grid=(4, 4),
+                   num_cls_tokens=6, final_norm=False, posemb_resize="dino")
+    return WeakTrCamTask(model=dict(encoder=encoder, num_classes=6, reduction=2), source=scenes[:4],
+                         total_steps=1, steps_per_epoch=1, batch_size=BATCH_PER_PROCESS, crop_size=32, lr=1e-3,
+                         eval_source=scenes[4:])
+
+
+def evaluate_untrained(mesh, workdir):
+    trainer = Trainer(cam_task(), TrainConfig(total_steps=0, mesh=MESHES[mesh]), workdir)
+    trainer.run()
+    return trainer.eval_results
+
+
 def train(task, mesh, workdir, steps=ARGS.steps):
     config = TrainConfig(total_steps=steps, log_every=1, checkpoint_every=ARGS.checkpoint_every,
                          mesh=MESHES[mesh])
@@ -196,7 +218,12 @@ def main():
         distributed.initialize(coordinator_address=ARGS.coordinator, num_processes=ARGS.num_processes,
                                process_id=ARGS.process_id)
     assert jax.device_count() == GLOBAL_DEVICES and jax.process_count() == (ARGS.num_processes if WORKER else 1)
-    for task_name in ARGS.tasks.split(","):
+    for mesh in filter(None, ARGS.eval_meshes.split(",")):
+        out = ARGS.out / f"cam_eval_{mesh}"
+        name = f"process_{ARGS.process_id}" if WORKER else "reference"
+        results = evaluate_untrained(mesh, out / name)
+        (out / f"{name}.json").write_text(json.dumps(results))
+    for task_name in filter(None, ARGS.tasks.split(",")):
         for mesh in ARGS.meshes.split(","):
             out = ARGS.out / f"{task_name}_{mesh}"
             out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ process). Against one process on 8 devices fed the same global batches:
     which is one float32 rounding of an entry of fc1/kernel; the cross-process sums go another way);
   * the step-2 checkpoint holds the grain iterator state of each process, and resuming from it
     reproduces steps 3-4 of the straight run exactly.
+  * the trainer's evaluation (a tiny WeakTr's CAM mIoU sweep) with the parameters split across both
+    processes gives both the same results, identical to one process's.
 
 The tiny EoMT of `trainer_sharding_check.py` also trains equal across 2 processes (losses 1e-7
 relative, parameters 1.2e-7 absolute), but compiling it takes ~110 s per run on 2 cores, so it is left
@@ -94,7 +96,8 @@ def _run_together(commands: list[list[str]], logs: pathlib.Path, timeout: float)
 def runs(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("multihost")
     common = [sys.executable, str(CHECK), "--out", str(out), "--num-processes", str(NUM_PROCESSES),
-              "--meshes", ",".join(MESHES), "--steps", str(STEPS), "--checkpoint-every", str(CHECKPOINT_AT)]
+              "--meshes", ",".join(MESHES), "--steps", str(STEPS), "--checkpoint-every", str(CHECKPOINT_AT),
+              "--eval-meshes", "fsdp8"]
     coordinator = f"127.0.0.1:{_free_port()}"
     _run_together([common + ["--coordinator", coordinator, "--process-id", str(i)]
                    for i in range(NUM_PROCESSES)], out / "logs_workers", WORKERS_TIMEOUT)
@@ -150,6 +153,21 @@ def test_fsdp_splits_parameters_as_the_mesh_says(runs):
                 held = layout[name]
                 assert (held["local_fraction"], held["local_shards"]) == (fraction, shards), \
                     (mesh, i, name, held)
+
+
+@pytest.mark.slow
+def test_evaluation_with_params_split_across_processes_equals_one_process(runs):
+    """The trainer's evaluation (a tiny WeakTr's CAM mIoU at 18 thresholds over 4 scenes) with every
+    parameter half on each process (fsdp8) gives both processes the same results, equal to one process's
+    (measured: identical)."""
+    first, second, reference = (json.loads((runs / "cam_eval_fsdp8" / f"{name}.json").read_text())
+                                for name in ("process_0", "process_1", "reference"))
+    assert first == second
+    assert first["examples"] == 4 and len(set(first["cam_miou_curve"])) > 5  # a curve, not a constant
+    assert first.keys() == reference.keys()
+    for key, value in reference.items():
+        np.testing.assert_allclose(np.asarray(first[key], np.float64), np.asarray(value, np.float64),
+                                   rtol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow
