@@ -5,10 +5,11 @@ with its own texture) with "thing" objects pasted on top (countable instances, o
 texture per class) at random scale, rotation, position and count, occluding each other. By default colour
 does not identify a class: every class draws its colours from a wide hue range that overlaps the others',
 so a model has to use shape and texture; a small `hue_spread` (with saturated colours) makes colour a cue,
-the easier variant that weakly supervised training from scratch needs on a CPU budget. Pixels are processed as whole arrays (Python loops run over objects
-and stuff classes only), and a scene is a function of `(config.seed, index)` alone: bit for bit on a
-given numpy build and CPU; elsewhere float rounding may move a few boundary pixels, which is one reason
-to build the dataset once (`jaxseg.data.builders.scenes`) and share the files.
+the easier variant that weakly supervised training from scratch needs on a CPU budget. Pixels are
+processed as whole arrays (Python loops run over objects and stuff classes only), and a scene is a
+function of `(config.seed, index)` alone: bit for bit on a given numpy build and CPU; elsewhere float
+rounding may move a few boundary pixels, which is one reason to build the dataset once
+(`jaxseg.data.builders.scenes`) and share the files.
 
 Conventions for a scene of S x S pixels with T thing and U stuff classes (K = T + U categories):
   category ids: things 0..T-1 (in `THING_SHAPES` order), then stuff T..K-1 (in `STUFF_TEXTURES`

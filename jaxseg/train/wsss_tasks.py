@@ -162,8 +162,9 @@ class WeakTrCamTask(_ImageTask):
 
     def infer(self, params: Any, image: np.ndarray, labels: np.ndarray | None = None) -> dict:
         """One uint8 (H, W, 3) image -> {"semantic": (H, W) pseudo-label map at `threshold` (0 background,
-        c + 1 class c), "cams": (C, H, W) normalised CAMs, "cam_classes": the present classes' indices}. `labels`: image-level multi-hot labels (cut to
-        the C classes as in `evaluate`); None: the classes the model predicts present."""
+        c + 1 class c), "cams": (C, H, W) normalised CAMs, "cam_classes": the present classes' indices}.
+        `labels`: image-level multi-hot labels (cut to the C classes as in `evaluate`); None: the classes
+        the model predicts present."""
         if labels is None:
             present = self.predicted_labels(params, image)
         else:
