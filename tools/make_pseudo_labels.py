@@ -32,11 +32,10 @@ import numpy as np
 from jaxseg.convert.params_io import load_params
 from jaxseg.data.datasets import image_name
 from jaxseg.models.weaktr import WeakTr
-from jaxseg.ops.image import normalize
 from jaxseg.train.checkpoint import check_tree_names, restore_params
 from jaxseg.train.wsss_tasks import GROUND_TRUTHS, PSEUDO_LABEL_THRESHOLD, wsss_semantic
 from jaxseg.visualize import label_png
-from jaxseg.wsss.cam import ThresholdSweep, multiscale_cams, normalize_cams, pseudo_label
+from jaxseg.wsss.cam import ThresholdSweep, image_cams, pseudo_label
 
 
 def main(argv=None) -> int:
@@ -136,9 +135,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for i in range(count):
         example = source[i]
-        image = normalize(example["image"].astype(np.float32) / 255)
         present = np.asarray(example["labels"][:args.num_foreground], np.float32)
-        normalized = normalize_cams(multiscale_cams(cam_fn, image, present, patch, args.scales), present)
+        normalized = image_cams(cam_fn, example["image"], present, patch, args.scales)
         label_map = np.asarray(pseudo_label(normalized, present, threshold))
         label_png(label_map).save(out_dir / f"{image_name(example, i)}.png")
         if "semantic" in example:

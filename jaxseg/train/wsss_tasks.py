@@ -30,7 +30,7 @@ from jaxseg.models.segmenter import Segmenter, combine_readouts
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.train.evaluation import evaluate_semantic
 from jaxseg.train.optim import segmenter_optimizer, weaktr_cam_optimizer
-from jaxseg.wsss.cam import ThresholdSweep, foreground_labels, multiscale_cams, normalize_cams, pseudo_label
+from jaxseg.wsss.cam import ThresholdSweep, foreground_labels, image_cams, pseudo_label
 
 GROUND_TRUTHS = ("categories", "wsss")
 # Background threshold of the pseudo-labels (WeakTr's choice for VOC): `tools/make_pseudo_labels.py` and
@@ -138,15 +138,14 @@ class WeakTrCamTask(_ImageTask):
         return out["fused_cam"], out["patch_attention"], probs
 
     def normalized_cams(self, params: Any, image: np.ndarray, present: np.ndarray) -> np.ndarray:
-        """(C, H, W) multi-scale + flip CAMs of a uint8 (H, W, 3) image over `eval_scales`, refined and
-        min-max normalised per present class ((C,) multi-hot `present`; absent classes are 0)."""
+        """(C, H, W) multi-scale + flip CAMs of a uint8 (H, W, 3) image over `eval_scales`, refined (if
+        `refine_cams`) and min-max normalised per present class ((C,) multi-hot `present`; absent classes
+        are 0)."""
         def cam_fn(views):  # params as an argument, not baked into the program as constants
             fused, patch_attention, _ = self._cams(params, views)
             return fused, patch_attention if self.refine_cams else None
 
-        summed = multiscale_cams(cam_fn, normalize_image(image), present, self.model["encoder"]["patch_size"],
-                                 self.eval_scales)
-        return np.asarray(normalize_cams(summed, present))
+        return np.asarray(image_cams(cam_fn, image, present, self.model["encoder"]["patch_size"], self.eval_scales))
 
     def predicted_labels(self, params: Any, image: np.ndarray) -> np.ndarray:
         """(C,) multi-hot of the classes the model finds in a uint8 (H, W, 3) image: mean sigmoid of the

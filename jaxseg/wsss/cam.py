@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.metrics.semantic import confusion_matrix, miou_from_confusion
+from jaxseg.ops.image import normalize
 from jaxseg.ops.resize import resize
 
 Array = jax.Array
@@ -73,6 +74,14 @@ def normalize_cams(cams: Array, labels: Array) -> Array:
     high = cams.max((1, 2), keepdims=True)
     normalized = (cams - low) / (high - low + 1e-8)
     return jnp.where(jnp.asarray(labels, bool)[:, None, None], normalized, 0.0)
+
+
+def image_cams(cam_fn: CamFn, image: np.ndarray, labels: Array, patch_size: int,
+               scales: Sequence[float] = (1.0, 1.2)) -> Array:
+    """Steps 1-3 for one uint8 (H, W, 3) image: (C, H, W) CAMs, ImageNet-normalised input, absent
+    classes 0, present ones min-max normalised."""
+    image = normalize(jnp.asarray(image, jnp.float32) / 255)
+    return normalize_cams(multiscale_cams(cam_fn, image, labels, patch_size, scales), labels)
 
 
 def pseudo_label(normalized: Array, labels: Array, threshold: float) -> Array:
