@@ -6,7 +6,8 @@ from __future__ import annotations
 import colorsys
 import json
 import pathlib
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image

@@ -1,7 +1,6 @@
 """Test-session set-up: persistent compilation cache, and importable PyTorch references."""
 import os
 import pathlib
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -12,7 +11,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import torch_guard  # noqa: E402
+from jaxseg.testing import torch_guard  # noqa: E402
 
 torch_guard.install()

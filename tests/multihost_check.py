@@ -64,10 +64,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
+from jaxseg import parallel  # noqa: E402
 from jaxseg.data.pipeline import train_dataset  # noqa: E402
 from jaxseg.data.synthetic import SceneConfig, generate_scene  # noqa: E402
 from jaxseg.losses.mask_classification import SetLossConfig  # noqa: E402
-from jaxseg.train import distributed  # noqa: E402
 from jaxseg.train.tasks import EomtTask  # noqa: E402
 from jaxseg.train.trainer import TrainConfig, Trainer  # noqa: E402
 from jaxseg.train.wsss_tasks import WeakTrCamTask  # noqa: E402
@@ -215,7 +215,7 @@ def layout(params):
 
 def main():
     if WORKER:
-        distributed.initialize(coordinator_address=ARGS.coordinator, num_processes=ARGS.num_processes,
+        parallel.initialize(coordinator_address=ARGS.coordinator, num_processes=ARGS.num_processes,
                                process_id=ARGS.process_id)
     assert jax.device_count() == GLOBAL_DEVICES and jax.process_count() == (ARGS.num_processes if WORKER else 1)
     for mesh in filter(None, ARGS.eval_meshes.split(",")):

@@ -13,8 +13,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxseg import parallel as sharding  # noqa: E402
 from jaxseg.models.vit import ViT  # noqa: E402
-from jaxseg.train import sharding  # noqa: E402
 
 MESHES = {
     "dp": [("data", 8), ("fsdp", 1), ("tensor", 1)],

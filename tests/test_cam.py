@@ -81,13 +81,13 @@ def test_threshold_sweep_matches_direct_miou():
     labels.append(np.zeros(3))
     gts.append(RNG.integers(0, 4, (8, 8)))
     sweep = ThresholdSweep(3, [0.3, 0.5])
-    for c, l, g in zip(cams, labels, gts):
-        sweep.add(c, l, g)
+    for cam, label, gt in zip(cams, labels, gts):
+        sweep.add(cam, label, gt)
     result = sweep.result()
     with pytest.raises(ValueError, match="expected CAMs of 3 classes"):
         sweep.add(cams[0][:2], labels[0][:2], gts[0])
     for i, t in enumerate((0.3, 0.5)):
-        preds = [np.asarray(pseudo_label(c, l, t)) for c, l in zip(cams, labels)]
+        preds = [np.asarray(pseudo_label(cam, label, t)) for cam, label in zip(cams, labels)]
         ious = []
         for k in range(4):
             tp = sum(((p == k) & (g == k)).sum() for p, g in zip(preds, gts))

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from jaxseg.convert import WeightConversionError, from_timm, load_state_dict, to_timm
 from jaxseg.convert.params_io import load_params, save_params
 from jaxseg.models.vit import ViT
-from timm_reference import random_timm_vit, rel_err, run_timm
+from jaxseg.testing.references.timm_vit import random_timm_vit, rel_err, run_timm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-5

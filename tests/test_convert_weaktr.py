@@ -1,7 +1,8 @@
-"""`from_official_weaktr`: official WeakTr / MCTformer-V2 checkpoints (the layout of `weaktr_reference.py`,
-saved as the official `main.py` saves them) -> jaxseg WeakTr, through a file and the CLI, and the errors
-that name what does not fit. Tolerance 1e-5 relative to the reference outputs. Also stage 1's
-initialisation: a timm DeiT with its class token repeated C times, loaded as a WeakTr config's encoder."""
+"""`from_official_weaktr`: official WeakTr / MCTformer-V2 checkpoints (the layout of
+`jaxseg/testing/references/weaktr.py`, saved as the official `main.py` saves them) -> jaxseg WeakTr, through a
+file and the CLI, and the errors that name what does not fit. Tolerance 1e-5 relative to the reference
+outputs. Also stage 1's initialisation: a timm DeiT with its class token repeated C times, loaded as a WeakTr
+config's encoder."""
 import importlib.util
 import pathlib
 import sys
@@ -17,9 +18,9 @@ import torch
 from jaxseg.convert import WeightConversionError, from_official_weaktr, from_timm, load_state_dict, to_timm
 from jaxseg.convert.params_io import load_params
 from jaxseg.models.weaktr import WeakTr
+from jaxseg.testing.references.timm_vit import random_timm_vit, rel_err
+from jaxseg.testing.references.weaktr import TINY, random_torch_weaktr
 from jaxseg.train.checkpoint import load_init_params
-from timm_reference import random_timm_vit, rel_err
-from weaktr_reference import TINY, random_torch_weaktr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

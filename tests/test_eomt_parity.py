@@ -15,7 +15,7 @@ from transformers import EomtConfig, EomtForUniversalSegmentation
 
 from jaxseg.convert import WeightConversionError, from_hf_eomt, from_official_eomt, to_timm
 from jaxseg.models.eomt import EoMT, eomt_config
-from timm_reference import rel_err
+from jaxseg.testing.references.timm_vit import rel_err
 
 TOL = 1e-5
 HF_CONFIG = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=4, image_size=64,
@@ -30,7 +30,7 @@ def hf_model():
     config._attn_implementation = "eager"
     model = EomtForUniversalSegmentation(config).eval()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             param.copy_(torch.randn_like(param) * (0.3 if param.ndim > 1 else 0.2))
     return model
 

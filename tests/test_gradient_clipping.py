@@ -1,13 +1,13 @@
 """WeakTr's gradient-clipping loss: the rule against an independent numpy implementation, the gradient
-mask, the gate, and the official PyTorch code (`GradientClipping.forward`, in `segmenter_reference.py`) on
-divisible sizes."""
+mask, the gate, and the official PyTorch code (`GradientClipping.forward`, in
+`jaxseg/testing/references/segmenter.py`) on divisible sizes."""
 import jax
 import numpy as np
 import pytest
 import torch
 
 from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
-from segmenter_reference import torch_gradient_clipping_loss
+from jaxseg.testing.references.segmenter import torch_gradient_clipping_loss
 
 RNG = np.random.default_rng(0)
 
@@ -40,7 +40,7 @@ def _numpy_rule(logits, labels, cell, start_value):
 
 @pytest.mark.parametrize("size,cell", [((8, 12), 4), ((10, 7), 4), ((9, 9), 9), ((5, 13), 6)])
 def test_mask_and_loss_match_the_rule(size, cell):
-    for trial in range(5):
+    for _ in range(5):
         logits, labels = _inputs(height=size[0], width=size[1])
         loss, mask = gradient_clipping_loss(logits, labels, patch_size=cell, start_value=10.0)
         ref_loss, ref_mask, ref_pixel, tau = _numpy_rule(logits.astype(np.float64), labels, cell, 10.0)

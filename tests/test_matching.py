@@ -18,7 +18,7 @@ RNG = np.random.default_rng(0)
 TOL = 1e-5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(method: str):
     return jax.jit(functools.partial(match, method=method))
 

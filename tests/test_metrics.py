@@ -81,12 +81,12 @@ def test_per_pixel_weights_and_other_ignore_index():
 
 def test_summed_confusion_matrices_equal_the_concatenation():
     batches = [random_semantic_batch(batch=3) for _ in range(3)]
-    total = sum(np.asarray(confusion_jit(l, p, num_classes=6, weights=w), np.int64)
-                for l, p, w in batches)
+    total = sum(np.asarray(confusion_jit(y, p, num_classes=6, weights=w), np.int64)
+                for y, p, w in batches)
     labels, predictions, weights = (np.concatenate(parts) for parts in zip(*batches))
     np.testing.assert_array_equal(total, confusion_jit(labels, predictions, num_classes=6,
                                                        weights=weights))
-    per_example = sum(np.asarray(confusion_matrix(l[None], p[None], 6)) for l, p, w in zip(
+    per_example = sum(np.asarray(confusion_matrix(y[None], p[None], 6)) for y, p, w in zip(
         labels, predictions, weights) if w)
     np.testing.assert_array_equal(total, per_example)
 

@@ -1,5 +1,5 @@
 """Multi-process training on one machine: two CPU processes of 4 devices each, joined through
-`jaxseg.train.distributed.initialize` (gloo collectives), run the real `Trainer` on a small MLP with the
+`jaxseg.parallel.initialize` (gloo collectives), run the real `Trainer` on a small MLP with the
 ViT's logical parameter axes (`multihost_check.py`), under data parallelism (`dp`), FSDP within each
 process (`fsdp`: data 2 x fsdp 4) and FSDP across both (`fsdp8`: every split parameter is half on each
 process). Against one process on 8 devices fed the same global batches:
@@ -191,9 +191,9 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_initialize_without_coordinator_or_cluster_is_a_single_process():
     proc = _python(
-        "from jaxseg.train import distributed\n"
-        "distributed.initialize()\n"
-        "distributed.initialize()\n"
+        "from jaxseg import parallel\n"
+        "parallel.initialize()\n"
+        "parallel.initialize()\n"
         "import jax\n"
         "print(jax.process_count(), jax.distributed.is_initialized(), jax.device_count())")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -202,9 +202,9 @@ def test_initialize_without_coordinator_or_cluster_is_a_single_process():
 
 def test_initialize_reads_the_coordinator_from_the_environment():
     proc = _python(
-        "from jaxseg.train import distributed\n"
-        "distributed.initialize()\n"
-        "distributed.initialize()\n"
+        "from jaxseg import parallel\n"
+        "parallel.initialize()\n"
+        "parallel.initialize()\n"
         "import jax\n"
         "print(jax.process_count(), jax.distributed.is_initialized())",
         JAXSEG_COORDINATOR=f"127.0.0.1:{_free_port()}", JAXSEG_NUM_PROCESSES="1", JAXSEG_PROCESS_ID="0")
@@ -216,9 +216,9 @@ def test_initialize_after_jax_started_raises():
     proc = _python(
         "import jax\n"
         "jax.devices()\n"
-        "from jaxseg.train import distributed\n"
-        "distributed.initialize()")
-    message = ("RuntimeError: jaxseg.train.distributed.initialize() must be called before any other JAX "
+        "from jaxseg import parallel\n"
+        "parallel.initialize()")
+    message = ("RuntimeError: jaxseg.parallel.initialize() must be called before any other JAX "
                "operation")
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
 

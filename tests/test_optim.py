@@ -6,8 +6,15 @@ import optax
 import pytest
 import torch
 
-from jaxseg.train.optim import (adamw_groups, eomt_optimizer, layer_decay, regex_labels, segmenter_optimizer,
-                                 timm_cosine_per_epoch, warmup_poly)
+from jaxseg.train.optim import (
+    adamw_groups,
+    eomt_optimizer,
+    layer_decay,
+    regex_labels,
+    segmenter_optimizer,
+    timm_cosine_per_epoch,
+    warmup_poly,
+)
 
 
 def test_two_stage_warmup_poly_values():

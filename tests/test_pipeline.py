@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxseg.data.pipeline import VALID_KEY, eval_dataset, global_batch, train_dataset
-from jaxseg.train import sharding
+from jaxseg import parallel
+from jaxseg.data.pipeline import VALID_KEY, eval_dataset, train_dataset
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCE = [{"image": np.full((4, 4, 3), i, np.uint8), "index": np.int32(i)} for i in range(23)]
@@ -82,9 +82,9 @@ def test_eval_covers_every_example_once_with_equal_batch_counts(hosts, batch):
 
 
 def test_global_batch_on_a_one_device_mesh():
-    mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+    mesh = parallel.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
     local = next(iter(train_dataset(SOURCE, _augment, seed=1, batch_size=4)))
-    batch = global_batch(local, mesh)
+    batch = parallel.global_batch(local, mesh)
     assert isinstance(batch["image"], jax.Array) and batch["image"].shape == (4, 4, 4, 3)
     np.testing.assert_array_equal(batch["index"], local["index"])
 

@@ -12,9 +12,13 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
 
-from jaxseg.ops.point_sample import (importance_point_counts, importance_sample_points,
-                                     point_sample, select_uncertain_points)
-from timm_reference import rel_err
+from jaxseg.ops.point_sample import (
+    importance_point_counts,
+    importance_sample_points,
+    point_sample,
+    select_uncertain_points,
+)
+from jaxseg.testing.references.timm_vit import rel_err
 
 TOL = 1e-5
 RNG = np.random.default_rng(0)

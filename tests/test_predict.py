@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxseg.train.run import (apply_overrides, build_task, dataset_sources, load_config, load_run,
-                              train_and_evaluate)
-from jaxseg.visualize import (label_png, overlay, panoptic_overlay, panoptic_png, voc_palette,
-                              write_predictions)
+from jaxseg.train.run import apply_overrides, build_task, dataset_sources, load_config, load_run, train_and_evaluate
+from jaxseg.visualize import label_png, overlay, panoptic_overlay, panoptic_png, voc_palette, write_predictions
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["dataset.num_train=16", "dataset.num_val=4", "dataset.image_size=32", "crop_size=32", "batch_size=4",
@@ -153,7 +151,7 @@ def test_eval_tool_reports_what_task_evaluate_gives(trained):
 
     config, _, params = load_run(run)
     task = build_task(config, dataset_sources(config, run))
-    from jaxseg.train.sharding import make_mesh
+    from jaxseg.parallel import make_mesh
     mesh = make_mesh(tuple(map(tuple, config.mesh)))
     expected = task.evaluate(params, mesh, tuple(config.sharding_rules))
     assert written == dict(expected, step=2, split="validation")

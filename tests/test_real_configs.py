@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_builders import _write_ade, _write_cityscapes, _write_coco, _write_voc
 
 from jaxseg.data.datasets import image_name, manual_sources
 from jaxseg.train.run import apply_overrides, load_config, train_and_evaluate
-from test_builders import _write_ade, _write_cityscapes, _write_coco, _write_voc
 
 WRITERS = {"jaxseg_voc": _write_voc, "jaxseg_ade20k": _write_ade, "jaxseg_cityscapes": _write_cityscapes,
            "jaxseg_coco_panoptic": _write_coco}

@@ -7,7 +7,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from jaxseg.ops.posemb import resample_patch_kernel, resample_posemb
 from jaxseg.ops.resize import interpolation_matrix, resize
-from timm_reference import rel_err
+from jaxseg.testing.references.timm_vit import rel_err
 
 TOL = 1e-5
 RNG = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """Segmenter (WeakTr stage 2) against the PyTorch reference of the official `Segmenter` / `MultiSegmenter`
-forward with its `MaskTransformer` / `MultiMaskTransformer` decoder (`segmenter_reference.py`, written from
-hustvl/WeakTr `OnlineRetraining/segm/model/{segmenter,decoder}.py`). Random weights, CPU, float32,
-tolerance 1e-5."""
+forward with its `MaskTransformer` / `MultiMaskTransformer` decoder (`jaxseg/testing/references/segmenter.py`,
+written from hustvl/WeakTr `OnlineRetraining/segm/model/{segmenter,decoder}.py`). Random weights, CPU,
+float32, tolerance 1e-5."""
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,8 @@ import torch
 from jaxseg.convert import from_timm
 from jaxseg.convert.timm import block_from_timm
 from jaxseg.models.segmenter import Segmenter, combine_readouts
-from segmenter_reference import TorchMultiMaskTransformer, torch_multi_segmenter
-from timm_reference import random_timm_vit, rel_err
+from jaxseg.testing.references.segmenter import TorchMultiMaskTransformer, torch_multi_segmenter
+from jaxseg.testing.references.timm_vit import random_timm_vit, rel_err
 
 N_CLS, WIDTH, HEADS = 6, 64, 4
 ENCODER = ("vit_small_patch16_224", dict(depth=2, embed_dim=WIDTH, num_heads=HEADS, img_size=32,

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from jaxseg.inference.mask_classification import semantic_scores
-from jaxseg.inference.semantic import (mask_classification_score_fn, segment, sliding_window_scores,
-                                       window_starts)
+from jaxseg.inference.semantic import mask_classification_score_fn, segment, sliding_window_scores, window_starts
 from jaxseg.models.eomt import EoMT, eomt_config
 from jaxseg.ops.resize import resize
 

@@ -14,9 +14,8 @@ import torch
 from transformers import EomtConfig
 from transformers.models.eomt import modeling_eomt as hf
 
-from jaxseg.losses.mask_classification import (LayerDraws, SetLossConfig, Targets, layer_loss,
-                                               matching_cost, set_loss)
-from timm_reference import rel_err
+from jaxseg.losses.mask_classification import LayerDraws, SetLossConfig, Targets, layer_loss, matching_cost, set_loss
+from jaxseg.testing.references.timm_vit import rel_err
 
 B, Q, K, G = 2, 8, 4, 3
 NUM_POINTS = 64

@@ -220,6 +220,7 @@ def test_silhouettes_differ():
 
 def test_tfds_build_and_read_back(tmp_path):
     import tensorflow_datasets as tfds
+
     from jaxseg.data.builders.scenes import VALIDATION_OFFSET, JaxsegScenes, scenes_config
 
     had_tensorflow = "tensorflow" in sys.modules

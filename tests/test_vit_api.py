@@ -91,7 +91,7 @@ import sys
 sys.modules["torch"] = None  # any "import torch" now raises ImportError
 import numpy as np, jax, jax.numpy as jnp
 from safetensors.numpy import save_file
-import jaxseg.convert, jaxseg.convert.params_io, jaxseg.models.vit, jaxseg.ops.posemb, jaxseg.train.sharding
+import jaxseg.convert, jaxseg.convert.params_io, jaxseg.models.vit, jaxseg.ops.posemb, jaxseg.parallel
 from jaxseg.convert.timm import abstract_params, to_timm
 config = jaxseg.models.vit.vit_config("S/14", "dinov2_reg", depth=1, posemb_grid=(2, 2))
 shapes = jax.eval_shape(lambda p: to_timm(p, config), abstract_params(config))
@@ -146,6 +146,6 @@ def test_block_attention_probs_recomputes_the_forward_maps(tiny):
     _, out = model.apply(variables, images, return_attention=True)
     inputs = [out["embedded"]] + out["blocks"][:-1]
     for i, x in enumerate(inputs):
-        probs = model.apply(variables, x, method=lambda m, x: m.blocks[i].attention_probs(x))
+        probs = model.apply(variables, x, method=lambda m, x, i=i: m.blocks[i].attention_probs(x))
         np.testing.assert_array_equal(probs, out["attn_probs"][i])
     assert set(out) == {"embedded", "blocks", "attn_probs", "attn_out"}

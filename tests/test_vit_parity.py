@@ -11,7 +11,7 @@ import pytest
 
 from jaxseg.convert import from_timm
 from jaxseg.models.vit import ViT
-from timm_reference import random_timm_vit, rel_err, run_timm
+from jaxseg.testing.references.timm_vit import random_timm_vit, rel_err, run_timm
 
 TOL = 1e-5
 TINY = dict(depth=2, embed_dim=64, num_heads=4)

@@ -1,7 +1,7 @@
-"""WeakTr stage 1 against the PyTorch reference of the official code (`weaktr_reference.py`: hustvl/WeakTr
-`models.py` and `AAF.py`, V3, on timm's ViT blocks), random weights, CPU, float32. No pip-installable
-WeakTr exists. The reference's state dict has the official checkpoint layout, and the jaxseg model comes
-from it through `from_official_weaktr`. Tolerance 1e-5 relative (1e-4 for gradients).
+"""WeakTr stage 1 against the PyTorch reference of the official code (`jaxseg/testing/references/weaktr.py`:
+hustvl/WeakTr `models.py` and `AAF.py`, V3, on timm's ViT blocks), random weights, CPU, float32. No
+pip-installable WeakTr exists. The reference's state dict has the official checkpoint layout, and the jaxseg
+model comes from it through `from_official_weaktr`. Tolerance 1e-5 relative (1e-4 for gradients).
 """
 import jax
 import jax.numpy as jnp
@@ -13,8 +13,8 @@ from jaxseg.convert import from_official_weaktr
 from jaxseg.losses.multilabel import cam_loss
 from jaxseg.models.vit import ViT
 from jaxseg.models.weaktr import WeakTr
-from timm_reference import rel_err
-from weaktr_reference import TINY, random_torch_weaktr, torch_cam_loss
+from jaxseg.testing.references.timm_vit import rel_err
+from jaxseg.testing.references.weaktr import TINY, random_torch_weaktr, torch_cam_loss
 
 C, DEPTH, HEADS = TINY["num_classes"], TINY["depth"], TINY["num_heads"]
 

@@ -1,7 +1,5 @@
 """Shared pieces of the benchmark scripts: timing, importing the PyTorch references, the result table."""
-import pathlib
 import statistics
-import sys
 import time
 
 
@@ -17,9 +15,9 @@ def median_seconds(fn, steps: int) -> float:
 
 
 def install_torch_guard() -> None:
-    """Makes timm / transformers importable next to a CUDA torchvision (see tests/torch_guard.py)."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-    import torch_guard
+    """Makes timm / transformers importable next to a CUDA torchvision (see jaxseg/testing/torch_guard.py)."""
+    from jaxseg.testing import torch_guard
+
     torch_guard.install()
 
 

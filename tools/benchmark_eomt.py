@@ -21,14 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from bench_common import install_torch_guard, median_seconds, print_table
-from jaxseg.losses.mask_classification import (SetLossConfig, Targets, draw_points, matching_cost,
-                                               set_loss)
+
+from jaxseg.losses.mask_classification import SetLossConfig, Targets, draw_points, matching_cost, set_loss
 from jaxseg.matching import match
 from jaxseg.models.eomt import EoMT, eomt_config
-
-
 
 
 def _targets(batch, num_targets, size, num_classes, seed=0):

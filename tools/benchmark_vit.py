@@ -13,12 +13,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from bench_common import install_torch_guard, median_seconds, print_table
+
 from jaxseg.convert.timm import abstract_params, to_timm
 from jaxseg.models.vit import ViT, vit_config
 
-TIMM_NAMES = {("Ti", "deit"): "deit_tiny_patch16_224", ("S", "deit"): "deit_small_patch16_224", ("B", "deit"): "deit_base_patch16_224",
+TIMM_NAMES = {("Ti", "deit"): "deit_tiny_patch16_224", ("S", "deit"): "deit_small_patch16_224",
+              ("B", "deit"): "deit_base_patch16_224",
               ("L", "deit"): "vit_large_patch16_224", ("S", "dinov2_reg"): "vit_small_patch14_reg4_dinov2",
               ("B", "dinov2_reg"): "vit_base_patch14_reg4_dinov2",
               ("L", "dinov2_reg"): "vit_large_patch14_reg4_dinov2",

@@ -11,11 +11,11 @@ WeakTr's recipe), for each of --image-sizes:
     the compiled step (`memory_analysis`, available on CPU too), and the step time (median). The same step
     of the MCTformer mode (same backbone and first two losses, no fusion module and no fine-CAM loss)
     gives the baseline: the difference is what the AAF fusion costs.
-  - speed: the WeakTr step against `TorchWeakTr` (`tests/weaktr_reference.py`) at the same size.
+  - speed: the WeakTr step against `TorchWeakTr` (`jaxseg/testing/references/weaktr.py`) at the same size.
 Stage 2 (the Segmenter: DeiT encoder with drop-path 0.1 and its final norm, a 2-block mask-transformer
 decoder with dropout 0.1, the gradient-clipping cross-entropy of the last read-out in cells of
 --clip-cell px, SGD with Nesterov momentum and the encoder at 0.1x) at --seg-image-size, against the
-timm ViT + `TorchMultiMaskTransformer` + `GradientClipping` of `tests/segmenter_reference.py`. The
+timm ViT + `TorchMultiMaskTransformer` + `GradientClipping` of `jaxseg/testing/references/segmenter.py`. The
 clipping gate opens above --start-value: its default keeps the clipping branch running on random
 weights (their CE is about ln(C + 1), above the recipe's 1.2, where the official code skips the branch).
 
@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from bench_common import install_torch_guard, jax_peak_gib, median_seconds, print_table, torch_device
+
 from jaxseg.losses.gradient_clipping import gradient_clipping_loss
 from jaxseg.losses.multilabel import cam_loss
 from jaxseg.models.segmenter import Segmenter
@@ -98,7 +98,7 @@ def _torch_inputs(images, targets, device):
 def stage1_torch(encoder, classes, images, labels, steps) -> dict:
     import torch
 
-    from weaktr_reference import TorchWeakTr, torch_cam_loss
+    from jaxseg.testing.references.weaktr import TorchWeakTr, torch_cam_loss
 
     device = torch_device()[0]
     model = TorchWeakTr(classes, encoder["width"], encoder["depth"], encoder["num_heads"],
@@ -113,8 +113,11 @@ def stage2_torch(encoder, classes, images, labels, cell, start_value, steps) -> 
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
-    from segmenter_reference import (TorchMultiMaskTransformer, torch_gradient_clipping_loss,
-                                     torch_multi_segmenter)
+    from jaxseg.testing.references.segmenter import (
+        TorchMultiMaskTransformer,
+        torch_gradient_clipping_loss,
+        torch_multi_segmenter,
+    )
 
     device = torch_device()[0]
     width = encoder["width"]

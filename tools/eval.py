@@ -20,11 +20,11 @@ import sys
 import flax.linen as nn
 import jax
 
-from jaxseg.train import distributed
+from jaxseg import parallel
+from jaxseg.parallel import make_mesh, tree_shardings
 from jaxseg.train.checkpoint import Checkpointer
 from jaxseg.train.metric_writer import MetricWriter
 from jaxseg.train.run import apply_overrides, build_task, dataset_sources, load_run, train_config
-from jaxseg.train.sharding import make_mesh, tree_shardings
 
 
 def evaluate_run(workdir: pathlib.Path, split: str | None, overrides: list[str], out: pathlib.Path | None,
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    distributed.initialize()  # multi-host runs join here (see jaxseg/train/distributed.py); else a no-op
+    parallel.initialize()  # multi-host runs join here (see jaxseg/train/distributed.py); else a no-op
     try:
         results = evaluate_run(pathlib.Path(args.workdir), args.split, args.set,
                                pathlib.Path(args.out) if args.out else None, args.overwrite)

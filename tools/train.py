@@ -2,8 +2,9 @@
 
     python tools/train.py --config configs/eomt/scenes.py:runlocal --workdir /tmp/jaxseg-scenes
 
-The workdir holds the checkpoints (a rerun resumes from the latest), train_metrics.jsonl, TensorBoard events, eval.json and, for
-the generated-scenes configs, the dataset build (unless config.dataset.data_dir names another place).
+The workdir holds the checkpoints (a rerun resumes from the latest), train_metrics.jsonl, TensorBoard
+events, eval.json and, for the generated-scenes configs, the dataset build (unless
+config.dataset.data_dir names another place).
 Override config values with --set key=value (e.g. --set total_steps=50).
 Multi-host: run the same command on every host; the coordinator comes from the cluster (TPU pod,
 SLURM, Open MPI) or from JAXSEG_COORDINATOR / JAXSEG_NUM_PROCESSES / JAXSEG_PROCESS_ID.
@@ -13,7 +14,7 @@ import json
 import logging
 import sys
 
-from jaxseg.train import distributed
+from jaxseg import parallel
 from jaxseg.train.run import apply_overrides, load_config, train_and_evaluate
 
 
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
                         help="override a config value (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    distributed.initialize()  # multi-host runs join here (see jaxseg/train/distributed.py); else a no-op
+    parallel.initialize()  # multi-host runs join here (see jaxseg/train/distributed.py); else a no-op
     try:
         config = load_config(args.config)
         apply_overrides(config, args.set)

@@ -14,7 +14,8 @@ the heads map as:
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import jax

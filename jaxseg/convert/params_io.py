@@ -12,7 +12,8 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.serialization
 import jax

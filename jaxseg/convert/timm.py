@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn

@@ -18,7 +18,8 @@ A checkpoint without AAF entries is an MCTformer-V2 network (fusion "mctformer")
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax
 import jax

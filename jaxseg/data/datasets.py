@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 # name -> (module, builder class) of the builders that read a manual directory.
 MANUAL_BUILDERS = {

@@ -13,13 +13,11 @@ batches and no example is dropped.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import jax
 import numpy as np
-
-from jaxseg.train.sharding import DEFAULT_RULES, batch_sharding
 
 VALID_KEY = "_valid"
 
@@ -71,9 +69,3 @@ def eval_dataset(source: Sequence[dict], transform: Callable[[dict], dict], *, b
 
     return grain.MapDataset.range(num_batches * batch_size).map(load).batch(batch_size).to_iter_dataset()
 
-
-def global_batch(local_batch: dict, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> dict:
-    """This host's batch -> `jax.Array`s of the global batch, split over the mesh's batch axes."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(x)), x),
-        local_batch)

@@ -6,7 +6,7 @@ Mask logits are expected at the resolution of the output (upsample them first).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ take the argmax. The model only ever sees (crop, crop) inputs, so it compiles on
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

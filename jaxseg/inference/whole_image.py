@@ -5,7 +5,7 @@ region, resize to the original size). The model only ever sees (crop, crop) inpu
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ Inputs whose size is not a multiple of the patch size are zero-padded bottom/rig
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

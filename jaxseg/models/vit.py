@@ -11,12 +11,13 @@ drive the pieces themselves from a parent module: `embed`, `blocks[i]` and `norm
 
 Sharding: parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `norm`) and activations
 logical constraints (`act_batch`, `act_len`, `act_embed`, `act_heads`, `act_kv`, `act_mlp`); a rules table
-(see `jaxseg.train.sharding`) maps them to mesh axes. Nothing here names a mesh axis.
+(see `jaxseg.parallel`) maps them to mesh axes. Nothing here names a mesh axis.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

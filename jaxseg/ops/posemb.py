@@ -1,14 +1,13 @@
 """Resampling of position embeddings and patch-embedding kernels, numerically as timm does it."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.ops.resize import interpolation_matrix, resize
-
 
 POSEMB_RESIZE_MODES = ("timm", "dino")
 

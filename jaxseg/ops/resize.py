@@ -10,7 +10,7 @@ jit-friendly, and differentiable with respect to the input.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

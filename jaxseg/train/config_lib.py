@@ -7,7 +7,7 @@ import ml_collections
 
 from jaxseg.data.synthetic import SceneConfig
 from jaxseg.models.vit import vit_config
-from jaxseg.train.sharding import DEFAULT_RULES
+from jaxseg.parallel import DEFAULT_RULES
 
 # The scenes' foreground for weakly supervised segmentation: their thing classes (categories 0..T-1).
 SCENES_THINGS = SceneConfig().num_thing_classes

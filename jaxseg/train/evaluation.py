@@ -3,7 +3,8 @@ size, so they are not batched). Every host runs every image in step: the params 
 all hosts, so each forward pass needs all of them; the totals are then the same on every host."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 

@@ -8,7 +8,7 @@ keep accumulating (as EoMT's frozen-backbone warm-up does), only the step is zer
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax
 import jax

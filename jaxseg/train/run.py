@@ -14,9 +14,10 @@ from jaxseg.data.datasets import manual_sources
 from jaxseg.losses.mask_classification import SetLossConfig
 from jaxseg.train.checkpoint import restore_params
 from jaxseg.train.tasks import EomtTask
-from jaxseg.train.wsss_tasks import PseudoLabelSource, SegmenterTask, WeakTrCamTask
 from jaxseg.train.trainer import TrainConfig, Trainer
+from jaxseg.train.wsss_tasks import PseudoLabelSource, SegmenterTask, WeakTrCamTask
 from jaxseg.visualize import source_items, write_predictions
+
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path/to/config.py[:arg]` -> the file's get_config(arg)."""

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,6 @@ from jaxseg.models.eomt import EoMT
 from jaxseg.train.evaluation import defined, semantic_results
 from jaxseg.train.optim import eomt_optimizer
 from jaxseg.train.schedules import mask_annealing_probs, mask_annealing_windows
-
 
 SEGMENTATIONS = ("semantic", "panoptic", "instance")
 # Decoded segment tables of images without segments come back as float64: the stored dtypes.

@@ -15,7 +15,8 @@ import logging
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import flax
 import flax.linen as nn
@@ -24,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxseg.data.pipeline import global_batch
-from jaxseg.train import sharding
+from jaxseg import parallel
 from jaxseg.train.checkpoint import Checkpointer, load_init_params
 from jaxseg.train.metric_writer import MetricWriter
 
@@ -76,7 +76,7 @@ class TrainConfig:
     init_checkpoint: str = ""
     init_into: str = ""
     mesh: tuple = (("data", -1), ("fsdp", 1), ("tensor", 1))
-    rules: tuple = sharding.DEFAULT_RULES
+    rules: tuple = parallel.DEFAULT_RULES
 
 
 class Trainer:
@@ -87,7 +87,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=config.max_to_keep)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.writer = MetricWriter(self.workdir)
-        self.mesh = sharding.make_mesh(config.mesh, devices)
+        self.mesh = parallel.make_mesh(config.mesh, devices)
         self.config_to_save = config_to_save or {}
         self.history: list[dict] = []
         self.eval_results: dict = {}
@@ -99,7 +99,7 @@ class Trainer:
             opt_state = self.task.optimizer(nn.unbox(params)).init(nn.unbox(params))
             return TrainState(jnp.zeros([], jnp.int32), params, opt_state, state_rng)
         boxed = jax.eval_shape(init, jax.random.PRNGKey(self.config.seed))
-        shardings = sharding.tree_shardings(boxed, self.mesh, self.config.rules)
+        shardings = parallel.tree_shardings(boxed, self.mesh, self.config.rules)
         return init, nn.unbox(boxed), nn.unbox(shardings)
 
     def _make_step(self, shardings) -> Callable:
@@ -135,7 +135,7 @@ class Trainer:
             try:
                 for step in range(start, last):
                     local_batch = next(data)
-                    state, metrics = step_fn(state, global_batch(local_batch, self.mesh, self.config.rules))
+                    state, metrics = step_fn(state, parallel.global_batch(local_batch, self.mesh, self.config.rules))
                     done = step + 1
                     if done % self.config.log_every == 0 or done == last:
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,7 @@ from PIL import Image
 
 from jaxseg.data.datasets import image_name
 from jaxseg.data.pipeline import train_dataset
-from jaxseg.data.transforms import (STAGE1_AUGMENTATIONS, normalize_image, weaktr_stage1_example,
-                                    weaktr_stage2_example)
+from jaxseg.data.transforms import STAGE1_AUGMENTATIONS, normalize_image, weaktr_stage1_example, weaktr_stage2_example
 from jaxseg.inference.semantic import multiscale_flip_probs
 from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
 from jaxseg.losses.multilabel import cam_loss

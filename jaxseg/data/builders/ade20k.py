@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from jaxseg.data.builders.manual import (ManualBuilder, ManualDir, lookup_table, multi_hot, read_label,
-                                         semantic_example, semantic_features)
+from jaxseg.data.builders.manual import (
+    ManualBuilder,
+    ManualDir,
+    lookup_table,
+    multi_hot,
+    read_label,
+    semantic_example,
+    semantic_features,
+)
 
 _ZIP = "ADEChallengeData2016.zip (http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip)"
 _ROOT = "ADEChallengeData2016"

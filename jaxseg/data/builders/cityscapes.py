@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from jaxseg.data.builders.manual import (ManualBuilder, ManualDir, lookup_table, multi_hot, read_label,
-                                         semantic_example, semantic_features)
+from jaxseg.data.builders.manual import (
+    ManualBuilder,
+    ManualDir,
+    lookup_table,
+    multi_hot,
+    read_label,
+    semantic_example,
+    semantic_features,
+)
 
 _DOWNLOADS = "https://www.cityscapes-dataset.com/downloads/ (registration needed)"
 _IMAGES = f"leftImg8bit_trainvaltest.zip ({_DOWNLOADS})"

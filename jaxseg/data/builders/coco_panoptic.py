@@ -31,8 +31,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jaxseg.data.builders.manual import (ManualBuilder, ManualDir, multi_hot, scalar, segments_feature,
-                                         semantic_example, semantic_features)
+from jaxseg.data.builders.manual import (
+    ManualBuilder,
+    ManualDir,
+    multi_hot,
+    scalar,
+    segments_feature,
+    semantic_example,
+    semantic_features,
+)
 
 NUM_CATEGORIES = 133
 _IMAGES = "{folder}.zip (http://images.cocodataset.org/zips/{folder}.zip)"

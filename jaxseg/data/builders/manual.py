@@ -26,7 +26,8 @@ import io
 import multiprocessing
 import os
 import textwrap
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds

@@ -28,8 +28,14 @@ import scipy.io
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jaxseg.data.builders.manual import (ManualBuilder, ManualDir, multi_hot, read_label, semantic_example,
-                                         semantic_features)
+from jaxseg.data.builders.manual import (
+    ManualBuilder,
+    ManualDir,
+    multi_hot,
+    read_label,
+    semantic_example,
+    semantic_features,
+)
 
 _VOC_TAR = "VOCtrainval_11-May-2012.tar (http://host.robots.ox.ac.uk/pascal/VOC/voc2012/)"
 _SBD_TGZ = ("benchmark.tgz (SBD, http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
