@@ -1,5 +1,5 @@
 """EoMT mask-annealing schedule against every start/end table of the official configs
-(../shared/specs/eomt.md section 2.2)."""
+(docs/eomt.md, "Annealing schedule")."""
 import jax
 import numpy as np
 import pytest

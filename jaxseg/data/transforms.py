@@ -130,7 +130,7 @@ def color_jitter(example: dict, rng: np.random.Generator, brightness_delta: floa
                  contrast: tuple = (0.5, 1.5), saturation: tuple = (0.5, 1.5),
                  hue_delta: float = 18 / 360, p: float = 0.5) -> dict:
     """EoMT's photometric distortion: brightness (p), then contrast before or after saturation + hue
-    (each p), factors as the spec gives them. Only the image changes."""
+    (each p), factors as docs/eomt.md ("Augmentation") gives them. Only the image changes."""
     image = example["image"].astype(np.float64)
     if rng.random() < p:
         image = _blend(image, 0.0, rng.uniform(1 - brightness_delta, 1 + brightness_delta))
@@ -184,7 +184,7 @@ def mask_targets(semantic: np.ndarray | None = None, panoptic: np.ndarray | None
 def eomt_train_example(example: dict, rng: np.random.Generator, crop_size: tuple[int, int],
                        scale_range: tuple[float, float], *, color: bool, max_segments: int,
                        segments: dict | None = None, max_attempts: int = 20) -> dict:
-    """EoMT's training augmentation (spec order: crowd dropped, colour jitter, flip, scale jitter, pad,
+    """EoMT's training augmentation (in the order of docs/eomt.md, "Augmentation": crowd dropped, colour jitter, flip, scale jitter, pad,
     random crop, empty masks dropped, the whole transform redone from the original while no mask
     remains) -> {"image", "masks", "labels", "valid"} with static shapes. Targets come from the
     panoptic ids when a segment table is given, else from the semantic labels."""
