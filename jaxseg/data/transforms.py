@@ -184,9 +184,9 @@ def mask_targets(semantic: np.ndarray | None = None, panoptic: np.ndarray | None
 def eomt_train_example(example: dict, rng: np.random.Generator, crop_size: tuple[int, int],
                        scale_range: tuple[float, float], *, color: bool, max_segments: int,
                        segments: dict | None = None, max_attempts: int = 20) -> dict:
-    """EoMT's training augmentation (in the order of docs/eomt.md, "Augmentation": crowd dropped, colour jitter, flip, scale jitter, pad,
-    random crop, empty masks dropped, the whole transform redone from the original while no mask
-    remains) -> {"image", "masks", "labels", "valid"} with static shapes. Targets come from the
+    """EoMT's training augmentation (in the order of docs/eomt.md, "Augmentation": crowd dropped, colour
+    jitter, flip, scale jitter, pad, random crop, empty masks dropped, the whole transform redone from the
+    original while no mask remains) -> {"image", "masks", "labels", "valid"} with static shapes. Targets come from the
     panoptic ids when a segment table is given, else from the semantic labels."""
     for _ in range(max_attempts):
         x = color_jitter(example, rng) if color else example
