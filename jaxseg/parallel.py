@@ -29,6 +29,7 @@ device counts; counting devices starts JAX's backends, so configuration that sha
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -54,6 +55,23 @@ DEFAULT_RULES: LogicalRules = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """A config's `parallel` section: the mesh [(axis, size)] (one size may be -1: the remaining devices)
+    and the logical-axis rules table."""
+    mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+
+    def __post_init__(self):
+        # Rules read back from JSON hold lists where the table has tuples of mesh axes.
+        rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in self.rules)
+        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "mesh", tuple((str(name), int(size)) for name, size in self.mesh))
+
+    def make_mesh(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        return make_mesh(self.mesh, devices)
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -91,6 +109,13 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, ndim: int = 
     """Sharding of an array whose leading axis is the batch (`act_batch`)."""
     spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
+
+
+def batch_partitions(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
+    """Into how many parts the mesh splits a batch (the product of the mesh axes `act_batch` maps to)."""
+    axes = nn.logical_to_mesh_axes(("act_batch",), rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[axis] for axis in axes)
 
 
 def global_batch(local_batch: dict, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:

@@ -1,12 +1,12 @@
 """Predictions as images: palette label PNGs (raw class ids a program can read back), COCO-style
 RGB-encoded panoptic PNGs, and overlays of semantic, panoptic and CAM predictions on the image for
-people. `write_predictions` runs a task's `infer` over images and writes all of them."""
+people. `PredictionWriter` writes all of them for each prediction of an evaluator run."""
 from __future__ import annotations
 
 import colorsys
 import json
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -156,26 +156,27 @@ def _prediction_files(name: str, image: np.ndarray, prediction: dict) -> dict[st
     return files
 
 
-def write_predictions(task, params: Any, items: Iterable[tuple[str, np.ndarray, np.ndarray | None]],
-                      out_dir: str | pathlib.Path, *, overwrite: bool = False) -> list[pathlib.Path]:
-    """Runs `task.infer(params, image, labels)` on each (name, uint8 (H, W, 3) image, labels or None) of
-    `items` and writes into `out_dir`:
+class PredictionWriter:
+    """Writes each prediction it is called with (`jaxseg.evaluate.Evaluator.run`'s `on_prediction`) into
+    `out_dir`, named after the example (`image_name`):
       <name>_semantic.png          palette PNG whose values are the class ids;
       <name>_overlay.png           the classes over the image;
-      <name>_panoptic.png          (panoptic tasks) segment ids, id = R + 256 G + 256^2 B (COCO);
+      <name>_panoptic.png          (panoptic predictions) segment ids, id = R + 256 G + 256^2 B (COCO);
       <name>_panoptic_overlay.png  the segments over the image;
       <name>_segments.json         the segments: id, category_id, is_thing, score;
-      <name>_cam_<c>.png           (CAM tasks) class c's CAM over the image, for each present class.
-    An existing file is an error unless `overwrite`. Returns the paths written."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, image, labels in items:
-        image = _check_image(image)
-        files = _prediction_files(name, image, task.infer(params, image, labels))
-        paths = [out_dir / file_name for file_name in files]
+      <name>_cam_<c>.png           (CAM predictions) class c's CAM over the image, for each present class.
+    An existing file is an error unless `overwrite`. `written` lists the paths."""
+
+    def __init__(self, out_dir: str | pathlib.Path, *, overwrite: bool = False):
+        self.out_dir, self.overwrite = pathlib.Path(out_dir), overwrite
+        self.written: list[pathlib.Path] = []
+
+    def __call__(self, index: int, example: dict, prediction: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        files = _prediction_files(image_name(example, index), _check_image(example["image"]), prediction)
+        paths = [self.out_dir / file_name for file_name in files]
         existing = [str(p) for p in paths if p.exists()]
-        if existing and not overwrite:
+        if existing and not self.overwrite:
             raise FileExistsError(f"not overwriting {', '.join(existing)} (pass overwrite=True, or "
                                   f"--overwrite to the tools)")
         for path, content in zip(paths, files.values()):
@@ -183,15 +184,4 @@ def write_predictions(task, params: Any, items: Iterable[tuple[str, np.ndarray, 
                 path.write_text(content)
             else:
                 content.save(path)
-        written += paths
-    return written
-
-
-def source_items(source, count: int) -> Iterable[tuple[str, np.ndarray, np.ndarray | None]]:
-    """The first `count` examples of a dataset source as `write_predictions` items: (image name, image,
-    image-level labels when the dataset has them)."""
-    for i in range(min(count, len(source))):
-        example = source[i]
-        labels = example.get("labels")
-        yield (image_name(example, i), np.asarray(example["image"]),
-               None if labels is None else np.asarray(labels))
+        self.written += paths

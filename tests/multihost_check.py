@@ -18,9 +18,12 @@ differ. Hence the reference reads each process's own pipeline and concatenates t
 `make_array_from_process_local_data` does.
 
 `--tasks eomt` trains the tiny EoMT of `trainer_sharding_check.py`; its compilation makes one run take
-~110 s on 2 cores, so the test uses the MLP only. `--eval-meshes` evaluates a tiny untrained WeakTr
-(`cam_task`: CAM mIoU over a threshold sweep on 4 scenes, through the trainer's end-of-run evaluation,
-params laid out by the mesh) into `DIR/cam_eval_<mesh>/process_<I>.json` or `reference.json`.
+~110 s on 2 cores, so the test uses the MLP only. `--eval-meshes` evaluates, through the trainer's
+end-of-run evaluation with the params laid out by the mesh, a tiny untrained EoMT (panoptic and semantic,
+fixed-shape global batches of 5 scenes; the panoptic score threshold at 0 so that an untrained model
+forms segments) and a tiny untrained WeakTr (CAM mIoU over a threshold sweep on 5 scenes, each host on
+its own devices), into `DIR/eval_<mesh>/process_<I>.json` or `reference.json`, with the indices of the
+images each process predicted.
 """
 import argparse
 import dataclasses
@@ -65,12 +68,15 @@ import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from jaxseg import parallel  # noqa: E402
+from jaxseg.data.datasets import DataConfig  # noqa: E402
 from jaxseg.data.pipeline import train_dataset  # noqa: E402
 from jaxseg.data.synthetic import SceneConfig, generate_scene  # noqa: E402
+from jaxseg.evaluate import EvalConfig, build_evaluator  # noqa: E402
 from jaxseg.losses.mask_classification import SetLossConfig  # noqa: E402
-from jaxseg.train.tasks import EomtTask  # noqa: E402
-from jaxseg.train.trainer import TrainConfig, Trainer  # noqa: E402
-from jaxseg.train.wsss_tasks import WeakTrCamTask  # noqa: E402
+from jaxseg.methods.eomt import Annealing, EomtMethod, EomtOptimizer  # noqa: E402
+from jaxseg.methods.weaktr import WeakTrMethod, WeakTrOptimizer  # noqa: E402
+from jaxseg.parallel import MeshConfig  # noqa: E402
+from jaxseg.train.trainer import Evaluation, TrainConfig, Trainer  # noqa: E402
 
 # "fsdp" splits parameters over the 4 devices of each process and the batch over both processes;
 # "fsdp8" splits parameters over all 8 devices, so each process holds only half of every split array.
@@ -95,28 +101,22 @@ class TinyMlp(nn.Module):
 
 
 @dataclasses.dataclass
-class MlpTask:
-    source: list
-    batch_size: int
-
+class MlpMethod:
     def __post_init__(self):
         self.network = TinyMlp()
 
     def init_params(self, rng):
         return self.network.init(rng, jnp.zeros((1, 8)))["params"]
 
-    def optimizer(self, params):
+    def optimizer_for(self, params):
         return optax.sgd(0.02, momentum=0.9)
 
     def loss(self, params, batch, rng, step):
         error = self.network.apply({"params": params}, batch["x"]) - batch["y"]
         return jnp.mean(error ** 2), {"mae": jnp.mean(jnp.abs(error))}
 
-    def transform(self, example, rng):
+    def train_transform(self, example, rng):
         return example
-
-    def train_data(self, seed):
-        return iter(train_dataset(self.source, self.transform, seed=seed, batch_size=self.batch_size))
 
 
 def mlp_source():
@@ -126,70 +126,87 @@ def mlp_source():
     return [{"x": xi, "y": yi} for xi, yi in zip(x, y)]
 
 
-class SgdEomtTask(EomtTask):
+def scenes(count: int) -> list[dict]:
+    return [dict(s, semantic=s["semantic"][..., None])  # as TFDS gives them
+            for s in (generate_scene(SceneConfig(image_size=32), i) for i in range(count))]
+
+
+class SgdEomtMethod(EomtMethod):
     """The EoMT of `trainer_sharding_check.py` with plain SGD (Adam would blow round-off in near-zero
     gradients up to full-size steps)."""
 
-    def optimizer(self, params):
+    def optimizer_for(self, params):
         return optax.sgd(0.1)
 
 
-def eomt_task(batch_size):
-    scenes = [generate_scene(SceneConfig(image_size=32), i) for i in range(16)]
+def eomt_method():
     model = dict(encoder=dict(width=64, depth=2, num_heads=4, mlp_dim=256, patch_size=8, posemb_grid=(4, 4),
                               num_registers=4, posemb_covers_prefix=False),
                  num_classes=9, num_queries=8, num_query_blocks=1)
     # Masking fully annealed, as in trainer_sharding_check.py: a mask thresholded at 0 would turn
     # round-off of another reduction order into different attention masks.
-    return SgdEomtTask(model=model, source=[dict(s, semantic=s["semantic"][..., None]) for s in scenes],
-                       total_steps=30, batch_size=batch_size, crop_size=32, scale_range=(0.9, 1.1),
-                       warmup=(2, 2), clip_norm=1.0, loss_config=SetLossConfig(num_points=256),
-                       annealing_windows=([-2], [-1]))
+    return SgdEomtMethod(model=model, optimizer=EomtOptimizer(), total_steps=30, batch_size=BATCH_PER_PROCESS,
+                         data=DataConfig(name="jaxseg_scenes"), crop_size=32, scale_range=(0.9, 1.1),
+                         num_things=6, set_loss=SetLossConfig(num_points=256), annealing=Annealing((-2,), (-1,)))
 
 
-TASKS = {"mlp": lambda: MlpTask(mlp_source(), BATCH_PER_PROCESS), "eomt": lambda: eomt_task(BATCH_PER_PROCESS)}
+TASKS = {"mlp": lambda: (MlpMethod(), mlp_source()), "eomt": lambda: (eomt_method(), scenes(16))}
 
 
-class AsOneProcess:
-    """`task` training on the global batches that `num_processes` processes would assemble."""
+class OneProcessTrainer(Trainer):
+    """Training on the global batches that `num_processes` processes would assemble."""
 
-    def __init__(self, task, num_processes):
-        self.task, self.num_processes = task, num_processes
+    num_processes = ARGS.num_processes
 
-    def __getattr__(self, name):
-        return getattr(self.task, name)
-
-    def train_data(self, seed):
-        per_process = [train_dataset(self.task.source, self.task.transform, seed=seed,
-                                     batch_size=self.task.batch_size, process_index=i,
+    def train_data(self):
+        per_process = [train_dataset(self.train_source, self.method.train_transform, seed=self.config.seed,
+                                     batch_size=self.config.batch_size, process_index=i,
                                      process_count=self.num_processes) for i in range(self.num_processes)]
         concatenate = lambda batches: jax.tree_util.tree_map(lambda *rows: np.concatenate(rows), *batches)
         return iter(grain.experimental.ZipIterDataset(per_process).map(concatenate))
 
 
-def cam_task():
-    """A tiny WeakTr stage 1 whose evaluation is a CAM mIoU curve over 18 thresholds: continuous in the
-    CAM values, so nonzero and sensitive even for an untrained model."""
-    scenes = [generate_scene(SceneConfig(image_size=32), i) for i in range(8)]
-    scenes = [dict(s, semantic=s["semantic"][..., None]) for s in scenes]  # as TFDS gives them
+def cam_method():
     encoder = dict(width=64, depth=2, num_heads=4, mlp_dim=256, patch_size=8, posemb_grid=(4, 4),
                    num_cls_tokens=6, final_norm=False, posemb_resize="dino")
-    return WeakTrCamTask(model=dict(encoder=encoder, num_classes=6, reduction=2), source=scenes[:4],
-                         total_steps=1, steps_per_epoch=1, batch_size=BATCH_PER_PROCESS, crop_size=32, lr=1e-3,
-                         eval_source=scenes[4:])
+    return WeakTrMethod(model=dict(encoder=encoder, num_classes=6, reduction=2), optimizer=WeakTrOptimizer(),
+                        total_steps=1, batch_size=BATCH_PER_PROCESS, data=DataConfig(name="jaxseg_scenes"),
+                        crop_size=32)
 
 
-def evaluate_untrained(mesh, workdir):
-    trainer = Trainer(cam_task(), TrainConfig(total_steps=0, mesh=MESHES[mesh]), workdir)
-    trainer.run()
-    return trainer.eval_results
+def evaluate_untrained(mesh_name, workdir):
+    """The trainer's end-of-run evaluation of an untrained EoMT and WeakTr: {name: results} and the indices
+    each predicted here."""
+    mesh = MeshConfig(MESHES[mesh_name]).make_mesh()
+    eomt, cam = eomt_method(), cam_method()
+    evals = {"eomt": (eomt, EvalConfig(split="validation", predictor=dict(kind="panoptic", score_threshold=0.0),
+                                       metrics={"panoptic": {}, "semantic": {}}, batch_size=2)),
+             "cam": (cam, EvalConfig(split="validation", predictor=dict(kind="cams", refine=True),
+                                     metrics={"cam_sweep": {}}, batch_size=2))}
+    results, predicted = {}, {}
+    for name, (method, config) in evals.items():
+        source = scenes(13)[8:]
+        evaluator = build_evaluator(method, config, mesh=mesh)
+        indices = []
+        original = evaluator.run
+
+        def run(params, source, original=original, indices=indices):
+            return original(params, source, on_prediction=lambda index, example, prediction: indices.append(index))
+        evaluator.run = run
+        trainer = Trainer(method, TrainConfig(total_steps=0), workdir / name, scenes(4), mesh=mesh,
+                          evaluations={"val": Evaluation(evaluator, source)})
+        trainer.run()
+        results[name] = trainer.eval_results["val"]
+        predicted[name] = sorted(int(i) for i in indices)
+    return {"results": results, "predicted": predicted}
 
 
-def train(task, mesh, workdir, steps=ARGS.steps):
-    config = TrainConfig(total_steps=steps, log_every=1, checkpoint_every=ARGS.checkpoint_every,
-                         mesh=MESHES[mesh])
+def train(method, source, mesh, workdir, steps=ARGS.steps, reference=False):
+    config = TrainConfig(total_steps=steps, batch_size=BATCH_PER_PROCESS, log_every=1,
+                         checkpoint_every=ARGS.checkpoint_every)
     started = time.perf_counter()
-    trainer = Trainer(task, config, workdir)
+    trainer = (OneProcessTrainer if reference else Trainer)(method, config, workdir, source,
+                                                            mesh=MeshConfig(MESHES[mesh]).make_mesh())
     params = trainer.run().params
     print(f"process {jax.process_index()}: {workdir.parent.name}/{workdir.name} trained in "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
@@ -219,7 +236,7 @@ def main():
                                process_id=ARGS.process_id)
     assert jax.device_count() == GLOBAL_DEVICES and jax.process_count() == (ARGS.num_processes if WORKER else 1)
     for mesh in filter(None, ARGS.eval_meshes.split(",")):
-        out = ARGS.out / f"cam_eval_{mesh}"
+        out = ARGS.out / f"eval_{mesh}"
         name = f"process_{ARGS.process_id}" if WORKER else "reference"
         results = evaluate_untrained(mesh, out / name)
         (out / f"{name}.json").write_text(json.dumps(results))
@@ -228,22 +245,21 @@ def main():
             out = ARGS.out / f"{task_name}_{mesh}"
             out.mkdir(parents=True, exist_ok=True)
             if not WORKER:
-                task = AsOneProcess(TASKS[task_name](), ARGS.num_processes)
-                losses, params = train(task, mesh, out / "reference")
+                losses, params = train(*TASKS[task_name](), mesh, out / "reference", reference=True)
                 save_params(params, out / "reference.npz")
                 # All runs start from these (same seed), so differences can be measured on the updates.
-                _, initial = train(task, mesh, out / "initial", steps=0)
+                _, initial = train(*TASKS[task_name](), mesh, out / "initial", steps=0)
                 save_params(initial, out / "initial.npz")
                 (out / "reference.json").write_text(json.dumps({"losses": losses}))
                 continue
-            losses, params = train(TASKS[task_name](), mesh, out / "run")
+            losses, params = train(*TASKS[task_name](), mesh, out / "run")
             save_params(params, out / f"process_{ARGS.process_id}.npz")
             result = {"losses": losses, "layout": layout(params)}
             if jax.process_index() == 0:
                 shutil.copytree(out / "run" / "checkpoints" / str(ARGS.checkpoint_every),
                                 out / "resume" / "checkpoints" / str(ARGS.checkpoint_every))
             multihost_utils.sync_global_devices(f"{task_name}_{mesh} checkpoint copied")
-            result["resumed_losses"], params = train(TASKS[task_name](), mesh, out / "resume")
+            result["resumed_losses"], params = train(*TASKS[task_name](), mesh, out / "resume")
             save_params(params, out / f"process_{ARGS.process_id}_resumed.npz")
             (out / f"process_{ARGS.process_id}.json").write_text(json.dumps(result))
 

@@ -18,7 +18,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from jaxseg.data import transforms
+from jaxseg.data.augment import mmseg
 from jaxseg.data.pipeline import train_dataset
 
 _OUT = flags.DEFINE_string("out", None, "where to write the batches (.npz)")
@@ -27,7 +27,7 @@ NUM_BATCHES, RESUME_AFTER = 6, 3
 
 
 def augment(example: dict, rng: np.random.Generator) -> dict:
-    out = transforms.weaktr_stage2_example(example, rng, crop=32, base=36)
+    out = mmseg.weaktr_stage2_example(example, rng, crop=32, base=36)
     return dict(out, index=example["index"], pid=np.int32(os.getpid()))
 
 

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxseg.metrics.accumulators import CamSweepMetric
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.ops.resize import resize
-from jaxseg.wsss.cam import ThresholdSweep, multiscale_cams, normalize_cams, pseudo_label, refine
+from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, refine
 
 RNG = np.random.default_rng(0)
 
@@ -70,6 +71,14 @@ def test_normalisation_and_pseudo_labels():
     assert set(np.unique(label_map)) <= {0, 1, 3}  # absent class 2 (label 2) never appears
 
 
+def _add_image(metric, cam, label, gt):
+    """Feeds one image to a CAM sweep accumulator as the evaluator does: its targets on the image's own
+    canvas, its stats, and an update with a batch of one."""
+    targets = metric.targets({"semantic": gt, "labels": label}, gt.shape)
+    stats = metric.stats({"cams": jnp.asarray(cam)}, jax.tree_util.tree_map(jnp.asarray, targets))
+    metric.update(jax.tree_util.tree_map(lambda x: np.asarray(x)[None], stats))
+
+
 def test_threshold_sweep_matches_direct_miou():
     cams = [np.array(normalize_cams(RNG.random((3, 8, 8)), [1, 1, 0])) for _ in range(4)]
     labels = [np.array([1, 1, 0])] * 4
@@ -80,12 +89,16 @@ def test_threshold_sweep_matches_direct_miou():
     cams.append(np.zeros((3, 8, 8), np.float32))
     labels.append(np.zeros(3))
     gts.append(RNG.integers(0, 4, (8, 8)))
-    sweep = ThresholdSweep(3, [0.3, 0.5])
+    sweep = CamSweepMetric(3, [0.3, 0.5])
     for cam, label, gt in zip(cams, labels, gts):
-        sweep.add(cam, label, gt)
+        _add_image(sweep, cam, label, gt)
     result = sweep.result()
-    with pytest.raises(ValueError, match="expected CAMs of 3 classes"):
-        sweep.add(cams[0][:2], labels[0][:2], gts[0])
+    # Accumulators fed disjoint parts of the images (as hosts are) merge into the one fed them all.
+    first, second = CamSweepMetric(3, [0.3, 0.5]), CamSweepMetric(3, [0.3, 0.5])
+    for i, (cam, label, gt) in enumerate(zip(cams, labels, gts)):
+        _add_image(first if i < 2 else second, cam, label, gt)
+    first.merge(second)
+    assert first.result() == result
     for i, t in enumerate((0.3, 0.5)):
         preds = [np.asarray(pseudo_label(cam, label, t)) for cam, label in zip(cams, labels)]
         ious = []
@@ -94,8 +107,8 @@ def test_threshold_sweep_matches_direct_miou():
             fp = sum(((p == k) & (g != k) & (g != 255)).sum() for p, g in zip(preds, gts))
             fn = sum(((p != k) & (g == k)).sum() for p, g in zip(preds, gts))
             ious.append(tp / (tp + fp + fn) if tp + fp + fn else np.nan)
-        np.testing.assert_allclose(result["miou"][i], np.nanmean(ious), rtol=1e-9)
-    assert result["best_miou"] == max(result["miou"])
+        np.testing.assert_allclose(result["cam_miou_curve"][i], np.nanmean(ious), rtol=1e-9)
+    assert result["cam_miou"] == max(result["cam_miou_curve"])
 
 
 def test_with_a_weaktr_network():

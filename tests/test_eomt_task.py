@@ -1,15 +1,19 @@
-"""EoMT's task plumbing between dataset examples, per-image inference and the metrics: the model is
-replaced by an oracle that emits the ground truth as mask-classification logits (one query per
+"""EoMT's method plumbing between dataset examples, its predictors, the evaluator and the metrics: the model
+is replaced by an oracle that emits the ground truth as mask-classification logits (one query per
 segment, confident class, +-20 mask logits), so every metric must come out perfect, and a query set
 that misses or mislabels segments must lower exactly the numbers it should."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs.common import SCENES_CLASSES, SCENES_THINGS
 from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
-from jaxseg.train.config_lib import SCENES_CLASSES, SCENES_THINGS
-from jaxseg.train.tasks import EomtTask, mask_example
+from jaxseg.data.datasets import DataConfig
+from jaxseg.evaluate import Evaluator
+from jaxseg.methods.eomt import EomtMethod, EomtOptimizer
+from jaxseg.methods.eomt.predictors import mask_example
 
 SIZE, QUERIES = 32, 24
 MODEL = dict(encoder=dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8, posemb_grid=(4, 4)),
@@ -41,14 +45,27 @@ def _oracle(example: dict, segmentation: str, mislabel: bool = False):
     return jnp.asarray(class_logits[None]), jnp.asarray(mask_logits[None])
 
 
+def _method(segmentation="panoptic", num_things=SCENES_THINGS):
+    return EomtMethod(model=MODEL, optimizer=EomtOptimizer(), total_steps=10, batch_size=1,
+                      data=DataConfig(name="jaxseg_scenes"), crop_size=SIZE, segmentation=segmentation,
+                      num_things=num_things)
+
+
+def _oracle_predictor(method, kind, examples, **oracle_options):
+    predictor = method.predictor(kind)
+    predictor._final_logits = lambda params, images: _oracle(mask_example(next(examples)), kind, **oracle_options)
+    return predictor
+
+
 def _evaluate_with_oracle(validation, segmentation, **oracle_options):
-    task = EomtTask(model=MODEL, source=None, total_steps=10, batch_size=1, crop_size=SIZE,
-                    segmentation=segmentation, num_things=SCENES_THINGS, eval_source=validation)
-    examples = iter([mask_example(validation[i]) for i in range(len(validation))])
-    # Unjitted, so that the oracle is asked for each image instead of being traced once.
-    task._whole_image = task._whole_image_outputs
-    task._final_logits = lambda params, images: _oracle(next(examples), segmentation, **oracle_options)
-    return task.evaluate(None, None, None)
+    method = _method(segmentation)
+    predictor = _oracle_predictor(method, segmentation, iter([validation[i] for i in range(len(validation))]),
+                                  **oracle_options)
+    metrics = ("semantic", "panoptic") if segmentation == "panoptic" else ("instance",)
+    evaluator = Evaluator(predictor, lambda: {kind: method.metric(kind) for kind in metrics}, batch_size=1)
+    # Not compiled, so that the oracle is asked for each image (in order) instead of being traced once.
+    with jax.disable_jit():
+        return evaluator.run(None, validation)
 
 
 def test_perfect_panoptic_predictions_score_one(validation):
@@ -71,13 +88,14 @@ def test_perfect_instance_predictions_score_one(validation):
     assert "mean_iou" not in results
 
 
-def test_infer_lists_the_segments_it_paints(validation):
-    task = EomtTask(model=MODEL, source=None, total_steps=10, batch_size=1, crop_size=SIZE,
-                    num_things=SCENES_THINGS)
-    example = mask_example(validation[0])
-    task._whole_image = task._whole_image_outputs
-    task._final_logits = lambda params, images: _oracle(example, "panoptic")
-    out = task.infer(None, example["image"])
+def test_predictions_list_the_segments_they_paint(validation):
+    example = validation[0]
+    predictor = _oracle_predictor(_method(), "panoptic", iter([example]))
+    batch = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], predictor.prepare(example))
+    with jax.disable_jit():
+        outputs = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], predictor.predict(None, batch))
+    out = predictor.finish(outputs, example)
+    example = mask_example(example)
     assert out["semantic"].shape == (SIZE, SIZE)
     assert sorted(s["id"] for s in out["segments"]) == sorted(np.unique(out["panoptic"][out["panoptic"] > 0]))
     for segment in out["segments"]:
@@ -89,14 +107,12 @@ def test_infer_lists_the_segments_it_paints(validation):
 
 def test_semantic_only_examples_and_bad_settings():
     example = {"image": np.zeros((8, 8, 3), np.uint8), "semantic": np.zeros((8, 8, 1), np.uint8)}
-    task = EomtTask(model=MODEL, source=None, total_steps=10, batch_size=1, crop_size=SIZE,
-                    segmentation="panoptic")
-    with pytest.raises(ValueError, match="semantic labels only: use segmentation='semantic'"):
-        task.transform(example, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="semantic labels only: use method.segmentation='semantic'"):
+        _method("panoptic").train_transform(example, np.random.default_rng(0))
     with pytest.raises(ValueError, match="segmentation must be one of"):
-        EomtTask(model=MODEL, source=None, total_steps=10, batch_size=1, crop_size=SIZE, segmentation="stuff")
+        _method("stuff")
     with pytest.raises(ValueError, match="num_things"):
-        EomtTask(model=MODEL, source=None, total_steps=10, batch_size=1, crop_size=SIZE, num_things=99)
+        _method(num_things=99)
 
 
 def test_empty_segment_tables_keep_their_dtypes():

@@ -6,15 +6,10 @@ import optax
 import pytest
 import torch
 
-from jaxseg.train.optim import (
-    adamw_groups,
-    eomt_optimizer,
-    layer_decay,
-    regex_labels,
-    segmenter_optimizer,
-    timm_cosine_per_epoch,
-    warmup_poly,
-)
+from jaxseg.methods.eomt import EomtOptimizer
+from jaxseg.methods.segmenter import SegmenterOptimizer
+from jaxseg.methods.weaktr import timm_cosine_per_epoch
+from jaxseg.train.optim import adamw_groups, layer_decay, regex_labels, warmup_poly
 
 
 def test_two_stage_warmup_poly_values():
@@ -68,7 +63,7 @@ def test_adamw_groups_match_torch():
 
 
 def test_frozen_backbone_accumulates_moments_without_moving():
-    tx = eomt_optimizer(PARAMS, total_steps=3000, depth=3)
+    tx = EomtOptimizer().build(PARAMS, 3000, 3)
     state = tx.init(PARAMS)
     grads = jax.tree_util.tree_map(jnp.ones_like, PARAMS)
     params = PARAMS
@@ -92,7 +87,7 @@ def test_segmenter_optimizer_matches_torch_sgd_nesterov_with_poly_decay():
     total = 6
     grads = [jax.tree_util.tree_map(lambda v: rng.standard_normal(v.shape).astype(np.float32), params)
              for _ in range(total)]
-    tx = segmenter_optimizer(params, total_steps=total, lr=1e-2, min_lr=1e-3)
+    tx = SegmenterOptimizer(lr=1e-2, min_lr=1e-3).build(params, total)
     state, ours = tx.init(params), params
     torch_params = {k: torch.nn.Parameter(torch.tensor(v["w"])) for k, v in params.items()}
     opt = torch.optim.SGD([{"params": [torch_params["encoder"]], "scale": 0.1},

@@ -1,4 +1,6 @@
-"""grain pipelines: determinism, resume, host slicing, eval padding, global arrays, worker processes."""
+"""grain pipelines: determinism, resume, host slicing (training and evaluation), global arrays, worker
+processes."""
+import math
 import os
 import pathlib
 import subprocess
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 from jaxseg import parallel
-from jaxseg.data.pipeline import VALID_KEY, eval_dataset, train_dataset
+from jaxseg.data.pipeline import train_dataset
+from jaxseg.evaluate import host_slices
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCE = [{"image": np.full((4, 4, 3), i, np.uint8), "index": np.int32(i)} for i in range(23)]
@@ -72,13 +75,16 @@ def test_augmentation_follows_the_global_element_not_the_host_count():
 def test_eval_covers_every_example_once_with_equal_batch_counts(hosts, batch):
     seen, counts = [], []
     for host in range(hosts):
-        batches = list(eval_dataset(SOURCE, lambda e: e, batch_size=batch, process_index=host,
-                                    process_count=hosts))
+        batches = host_slices(len(SOURCE), batch, host, hosts)
         counts.append(len(batches))
-        for b in batches:
-            assert b["image"].shape[0] == batch
-            seen.extend(b["index"][b[VALID_KEY]].tolist())
+        # In order: every hosts-th example from the host's index, in full batches but the last ones.
+        local = list(range(host, len(SOURCE), hosts))
+        assert [i for b in batches for i in b] == local
+        assert all(len(b) == batch for b in batches[:len(local) // batch])
+        assert all(len(b) <= batch for b in batches)
+        seen.extend(i for b in batches for i in b)
     assert sorted(seen) == list(range(len(SOURCE))) and len(set(counts)) == 1
+    assert counts[0] == math.ceil(math.ceil(len(SOURCE) / hosts) / batch)
 
 
 def test_global_batch_on_a_one_device_mesh():
@@ -93,7 +99,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="empty"):
         train_dataset([], _augment, seed=0, batch_size=2)
     with pytest.raises(ValueError, match="process_index 2 is not in 0..1"):
-        eval_dataset(SOURCE, lambda e: e, batch_size=2, process_index=2, process_count=2)
+        train_dataset(SOURCE, _augment, seed=0, batch_size=2, process_index=2, process_count=2)
 
 
 def test_multiworker_batches_match_single_process(tmp_path):

@@ -1,32 +1,72 @@
 """Prediction files (`jaxseg.visualize`, tools/predict.py), standalone evaluation (tools/eval.py) and the
-overlays `train_and_evaluate` writes, on tiny runs of the three tasks trained for a few steps (the
-numbers are those of nearly untrained models: the tests check plumbing and file formats)."""
+overlays `train_and_evaluate` writes, on tiny runs of the three methods trained for a few steps (the
+numbers are those of nearly untrained models: the tests check plumbing and file formats). Expected
+predictions come from the per-image reference forms of each scheme (`jaxseg.testing.per_image`,
+`jaxseg.wsss.cam`), so the batched canvases of the evaluator are checked too."""
 import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from jaxseg.train.run import apply_overrides, build_task, dataset_sources, load_config, load_run, train_and_evaluate
-from jaxseg.visualize import label_png, overlay, panoptic_overlay, panoptic_png, voc_palette, write_predictions
+from jaxseg.config import apply_overrides, load_config
+from jaxseg.inference.mask_classification import panoptic_segments, semantic_scores
+from jaxseg.ops.image import normalize
+from jaxseg.runs import load_run
+from jaxseg.testing import per_image
+from jaxseg.train.main import train_and_evaluate
+from jaxseg.visualize import PredictionWriter, label_png, overlay, panoptic_overlay, panoptic_png, voc_palette
+from jaxseg.wsss.cam import image_cams, pseudo_label
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["dataset.num_train=16", "dataset.num_val=4", "dataset.image_size=32", "crop_size=32", "batch_size=4",
+TINY = ["data.num_train=16", "data.num_val=4", "data.image_size=32", "method.crop_size=32", "train.batch_size=4",
         "model.encoder.width=32", "model.encoder.mlp_dim=64", "model.encoder.num_heads=2",
-        "model.encoder.depth=2", "num_overlays=2"]
+        "model.encoder.depth=2", "train.num_overlays=2"]
 RUNS = {
     "eomt": ("configs/eomt/scenes.py:runlocal",
-             ["total_steps=6", "log_every=6", "warmup=(1, 1)", "model.num_queries=8", "num_points=64"]),
-    "weaktr_cam": ("configs/weaktr/scenes_cam.py:runlocal",
-                   ["total_steps=2", "log_every=2", "steps_per_epoch=1", "model.reduction=2"]),
+             ["train.total_steps=6", "train.log_every=6", "optimizer.warmup=(1, 1)", "model.num_queries=8",
+              "method.set_loss.num_points=64"]),
+    "weaktr": ("configs/weaktr/scenes_cam.py:runlocal",
+               ["train.total_steps=2", "train.log_every=2", "method.steps_per_epoch=1", "model.reduction=2"]),
     "segmenter": ("configs/segmenter/scenes.py:runlocal",
-                  ["total_steps=2", "log_every=2", "base_size=35", "model.decoder_heads=2",
+                  ["train.total_steps=2", "train.log_every=2", "method.base_size=35", "model.decoder_heads=2",
                    "model.decoder_mlp_dim=64"]),
 }
+
+
+def _expected(run, image: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """One image's prediction by the per-image reference form of the run's predictor."""
+    method, params = run.method, run.params
+    settings = run.eval_config().predictor
+    if settings["kind"] == "panoptic":
+        def final_logits(images):
+            out = method.network.apply({"params": params}, images)
+            return out["class_logits"][-1], out["mask_logits"][-1]
+        class_logits, mask_logits = per_image.padded_square_logits(
+            final_logits, jnp.asarray(image, jnp.float32) / 255, method.crop_size)
+        ids, categories = panoptic_segments(class_logits, mask_logits, method.is_thing)
+        return {"semantic": np.asarray(jnp.argmax(semantic_scores(class_logits, mask_logits), axis=0)),
+                "panoptic": np.asarray(ids), "categories": np.asarray(categories)}
+    if settings["kind"] == "sliding":
+        predictor = method.predictor(**settings)
+        probs = per_image.multiscale_flip_probs(
+            lambda windows: predictor._log_scores(params, windows), normalize(jnp.asarray(image, jnp.float32) / 255),
+            settings["scales"], base_short_side=method.base_size, window=method.crop_size,
+            stride=method.crop_size * 2 // 3)
+        return {"semantic": np.asarray(jnp.argmax(probs, axis=0))}
+    predictor = method.predictor(**dict(settings, labels="predicted"))
+    present = labels if labels is not None else np.asarray(predictor._predicted_labels(params, jnp.asarray(image)))
+
+    def cam_fn(views):
+        out = method.network.apply({"params": params}, views)
+        return out["fused_cam"], out["patch_attention"] if settings["refine"] else None
+    cams = image_cams(cam_fn, image, present, predictor.patch, settings["scales"])
+    return {"semantic": np.asarray(pseudo_label(cams, present, settings["threshold"])), "present": present}
 
 
 def _tool(name: str):
@@ -46,7 +86,7 @@ def trained(tmp_path_factory):
         if name not in runs:
             spec, overrides = RUNS[name]
             config = load_config(str(ROOT / spec))
-            apply_overrides(config, TINY + overrides + [f"dataset.data_dir={root / 'data'}"])
+            apply_overrides(config, TINY + overrides + [f"data.data_dir={root / 'data'}"])
             train_and_evaluate(config, root / name)
             runs[name] = root / name
         return runs[name]
@@ -71,15 +111,15 @@ def _decode_panoptic(png: Image.Image) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_predict_writes_what_infer_returns(trained, images, tmp_path, name):
+def test_predict_writes_what_the_per_image_scheme_gives(trained, images, tmp_path, name):
     run = trained(name)
     out, predict = tmp_path / "out", _tool("predict")
     assert predict.main(["--workdir", str(run), "--images", str(images), "--out_dir", str(out)]) == 0
-    _, task, params = load_run(run)
+    loaded = load_run(run)
     for stem in ("rgb", "gray", "rgba"):
         image = predict.read_image(next(images.glob(f"{stem}.*")))
         assert image.shape == (40, 32, 3) and image.dtype == np.uint8
-        expected = task.infer(params, image)
+        expected = _expected(loaded, image)
         semantic = Image.open(out / f"{stem}_semantic.png")
         assert semantic.mode == "P"
         np.testing.assert_array_equal(np.asarray(semantic), expected["semantic"])
@@ -87,12 +127,13 @@ def test_predict_writes_what_infer_returns(trained, images, tmp_path, name):
         if name == "eomt":  # the scenes EoMT is panoptic
             panoptic = _decode_panoptic(Image.open(out / f"{stem}_panoptic.png"))
             np.testing.assert_array_equal(panoptic, expected["panoptic"])
-            assert json.loads((out / f"{stem}_segments.json").read_text()) == expected["segments"]
+            segments = json.loads((out / f"{stem}_segments.json").read_text())
+            assert sorted(s["id"] for s in segments) == sorted(set(np.unique(panoptic)) - {0})
+            assert all(expected["categories"][s["id"]] == s["category_id"] for s in segments)
             assert Image.open(out / f"{stem}_panoptic_overlay.png").size == (32, 40)
         cams = {int(p.stem.rsplit("_", 1)[1]) for p in out.glob(f"{stem}_cam_*.png")}
-        if name == "weaktr_cam":  # no labels: the classes the model predicts present
-            assert cams == set(np.flatnonzero(task.predicted_labels(params, image)))
-            assert expected["cams"].shape == (task.num_classes, 40, 32)
+        if name == "weaktr":  # no labels: the classes the model predicts present
+            assert cams == set(np.flatnonzero(expected["present"]))
         else:
             assert not cams
 
@@ -100,18 +141,19 @@ def test_predict_writes_what_infer_returns(trained, images, tmp_path, name):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_train_and_evaluate_writes_overlays_of_the_eval_split(trained, name):
     run = trained(name)
-    config, task, params = load_run(run)
-    overlays = run / "overlays" / f"step_{config.total_steps}"
-    source = dataset_sources(config, run)[config.dataset.eval_split]
+    loaded = load_run(run)
+    overlays = run / "overlays" / f"step_{loaded.config.train.total_steps}"
+    source = loaded.source("validation")
     for index in range(2):
         example = source[index]
         image_id = int(example["image_id"])
-        expected = task.infer(params, np.asarray(example["image"]), np.asarray(example["labels"]))
+        labels = np.asarray(example["labels"][:loaded.method.num_classes], np.float32) if name == "weaktr" else None
+        expected = _expected(loaded, np.asarray(example["image"]), labels)
         np.testing.assert_array_equal(np.asarray(Image.open(overlays / f"{image_id}_semantic.png")),
                                       expected["semantic"])
-        if name == "weaktr_cam":  # the dataset's image-level labels choose the CAMs
+        if name == "weaktr":  # the dataset's image-level labels choose the CAMs
             cams = {int(p.stem.rsplit("_", 1)[1]) for p in overlays.glob(f"{image_id}_cam_*.png")}
-            assert cams == set(np.flatnonzero(example["labels"][:task.num_classes]))
+            assert cams == set(np.flatnonzero(example["labels"][:loaded.method.num_classes]))
     assert len({p.name.split("_")[0] for p in overlays.iterdir()}) == 2  # num_overlays
 
 
@@ -133,34 +175,31 @@ def test_predict_refuses_to_overwrite_and_names_bad_images(trained, images, tmp_
     assert json.loads(capsys.readouterr().out)["images"] == 1
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["1000000000_overlay.png",
                                                                        "1000000000_semantic.png"]
-    _, task, params = load_run(run)
-    item = [("1000000000", np.zeros((32, 32, 3), np.uint8), None)]
+    writer = PredictionWriter(tmp_path / "split")
+    example = {"image": np.zeros((32, 32, 3), np.uint8), "image_id": 1000000000}
     with pytest.raises(FileExistsError, match="1000000000_semantic.png"):  # nor does the library
-        write_predictions(task, params, item, tmp_path / "split")
+        writer(0, example, {"semantic": np.zeros((32, 32), np.int32)})
 
 
-def test_eval_tool_reports_what_task_evaluate_gives(trained):
+def test_eval_tool_reports_what_the_evaluator_gives(trained):
     run = trained("segmenter")
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--workdir", str(run)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    written = json.loads((run / "eval_validation_step2.json").read_text())
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == written
-    logged = json.loads((run / "eval_validation_metrics.jsonl").read_text().splitlines()[-1])
+    written = json.loads((run / "eval_val_validation_step2.json").read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {k: v for k, v in written.items()
+                                                                 if k != "per_class_iou"}
+    logged = json.loads((run / "eval_val_validation_metrics.jsonl").read_text().splitlines()[-1])
     assert logged["step"] == 2 and logged["mean_iou"] == written["mean_iou"]
-
-    config, _, params = load_run(run)
-    task = build_task(config, dataset_sources(config, run))
-    from jaxseg.parallel import make_mesh
-    mesh = make_mesh(tuple(map(tuple, config.mesh)))
-    expected = task.evaluate(params, mesh, tuple(config.sharding_rules))
-    assert written == dict(expected, step=2, split="validation")
+    # The same numbers as the end of training (the same evaluation of the same step).
+    trained_results = json.loads((run / "eval.json").read_text())["val"]
+    assert written == dict(trained_results, step=2, split="validation", eval="val")
 
     evaluate_run = _tool("eval").evaluate_run
-    with pytest.raises(FileExistsError, match="eval_validation_step2.json"):
-        evaluate_run(run, None, [], None, False)
+    with pytest.raises(FileExistsError, match="eval_val_validation_step2.json"):
+        evaluate_run(run)
     with pytest.raises(ValueError, match="the model is the checkpoint's"):
-        evaluate_run(run, None, ["model.num_classes=3"], None, True)
+        evaluate_run(run, overrides=["model.num_classes=3"], overwrite=True)
 
 
 def test_visualize_rejects_what_a_png_cannot_hold():

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 from test_builders import _write_ade, _write_cityscapes, _write_coco, _write_voc
 
+from jaxseg.config import apply_overrides, load_config
 from jaxseg.data.datasets import image_name, manual_sources
-from jaxseg.train.run import apply_overrides, load_config, train_and_evaluate
+from jaxseg.train.main import train_and_evaluate
 
 WRITERS = {"jaxseg_voc": _write_voc, "jaxseg_ade20k": _write_ade, "jaxseg_cityscapes": _write_cityscapes,
            "jaxseg_coco_panoptic": _write_coco}
@@ -27,10 +28,11 @@ def manual_dirs(tmp_path_factory):
 
 def _run(spec, workdir, manual_dirs, data_dir, *overrides):
     config = load_config(spec)
-    name = config.dataset.name
-    apply_overrides(config, [f"dataset.data_dir={data_dir}", f"dataset.manual_dir={manual_dirs / name}",
-                             "num_overlays=0", *overrides])
-    return train_and_evaluate(config, workdir)
+    name = config.data.name
+    apply_overrides(config, [f"data.data_dir={data_dir}", f"data.manual_dir={manual_dirs / name}",
+                             "train.num_overlays=0", *overrides])
+    results = train_and_evaluate(config, workdir)
+    return dict(results["val"], step=results["step"])
 
 
 @pytest.mark.parametrize("spec,keys", [
@@ -53,8 +55,8 @@ def test_runlocal_trains_and_evaluates(spec, keys, manual_dirs, tmp_path_factory
 def test_stage_two_trains_on_pseudo_labels_named_by_image(spec, manual_dirs, tmp_path_factory):
     data_dir = tmp_path_factory.getbasetemp() / "data"
     config = load_config(spec)
-    train = manual_sources(config.dataset.name, data_dir, [config.dataset.train_split],
-                           manual_dir=manual_dirs / config.dataset.name)[config.dataset.train_split]
+    train = manual_sources(config.data.name, data_dir, [config.data.train_split],
+                           manual_dir=manual_dirs / config.data.name)[config.data.train_split]
     pseudo = tmp_path_factory.mktemp("pseudo")
     for i in range(len(train)):  # every pixel background except a block of class 1
         example = train[i]
@@ -62,8 +64,8 @@ def test_stage_two_trains_on_pseudo_labels_named_by_image(spec, manual_dirs, tmp
         label[:8, :8] = 1
         Image.fromarray(label).save(pseudo / f"{image_name(example, i)}.png")
     workdir = tmp_path_factory.mktemp("run")
-    result = _run(spec, workdir, manual_dirs, data_dir, f"pseudo_labels_dir={pseudo}")
-    assert np.isfinite(result["mean_iou"]) and result["step"] == config.total_steps
+    result = _run(spec, workdir, manual_dirs, data_dir, f"data.pseudo_labels_dir={pseudo}")
+    assert np.isfinite(result["mean_iou"]) and result["step"] == config.train.total_steps
     logged = [json.loads(line) for line in (workdir / "train_metrics.jsonl").read_text().splitlines()]
     assert all(0 < entry["kept_fraction"] <= 1 for entry in logged)
 
@@ -76,7 +78,7 @@ def test_real_recipes_want_pretrained_weights(tmp_path):
 
 def test_unprepared_dataset_says_how_to_build_it(tmp_path):
     config = load_config("configs/eomt/ade20k_semantic.py:runlocal")
-    apply_overrides(config, [f"dataset.data_dir={tmp_path / 'empty'}"])
+    apply_overrides(config, [f"data.data_dir={tmp_path / 'empty'}"])
     with pytest.raises(FileNotFoundError, match="tools/make_dataset.py ade20k --manual_dir"):
         train_and_evaluate(config, tmp_path / "run")
 

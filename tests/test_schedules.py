@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxseg.train.schedules import mask_annealing_probs, mask_annealing_windows
+from jaxseg.methods.eomt.annealing import mask_annealing_probs, mask_annealing_windows
 
 # (total optimizer steps T, L2) -> (starts, ends); T is 6 x the first start of each table.
 OFFICIAL = {

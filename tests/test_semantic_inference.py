@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from jaxseg.inference.mask_classification import semantic_scores
-from jaxseg.inference.semantic import mask_classification_score_fn, segment, sliding_window_scores, window_starts
+from jaxseg.inference.semantic import mask_classification_score_fn, window_starts
 from jaxseg.models.eomt import EoMT, eomt_config
 from jaxseg.ops.resize import resize
+from jaxseg.testing.per_image import segment, sliding_window_scores
 
 
 def _pixels_as_scores(windows):
@@ -64,7 +65,7 @@ def test_strided_anchors_follow_segmenter():
 def test_multiscale_flip_probs_with_a_pointwise_score(base, size):
     """With per-pixel logits (the pixels themselves), windowing and flipping must vanish: the result is
     the softmax of the image resized to the scale and back, averaged over the two ratios."""
-    from jaxseg.inference.semantic import multiscale_flip_probs
+    from jaxseg.testing.per_image import multiscale_flip_probs
     image = np.random.default_rng(3).random((*size, 3), dtype=np.float32) * 4
     probs = multiscale_flip_probs(_pixels_as_scores, image, ratios=(1.0, 1.5), base_short_side=base,
                                   window=32, stride=16)

@@ -192,9 +192,10 @@ def test_colour_alone_does_not_identify_the_class_but_texture_does():
 
 
 def test_colour_coded_scenes_make_colour_a_cue():
-    """The WSSS scenes' colours (`config_lib.COLOUR_CODED`): a 5-NN on segment mean colours reaches a mean
+    """The WSSS scenes' colours (`configs.common.COLOUR_CODED`): a 5-NN on segment mean colours reaches a mean
     class accuracy of 0.87 (measured, 64 px, 150 / 60 scenes; 0.18 on the default scenes at 64 px)."""
-    from jaxseg.train.config_lib import COLOUR_CODED
+    from configs.common import COLOUR_CODED
+
     config = SceneConfig(image_size=64, **COLOUR_CODED)
     train_colour, _, train_y = _segments([generate_scene(config, i) for i in range(150)])
     test_colour, _, test_y = _segments([generate_scene(config, 10_000 + i) for i in range(60)])

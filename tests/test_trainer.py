@@ -1,4 +1,4 @@
-"""The training loop on a toy task: it learns, resumes bit-exactly, and stops on a non-finite loss."""
+"""The training loop on a toy method: it learns, resumes bit-exactly, and stops on a non-finite loss."""
 import dataclasses
 import json
 
@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-from jaxseg.data.pipeline import train_dataset
 from jaxseg.train.trainer import NonFiniteLossError, TrainConfig, Trainer, progress_line
 
 W_TRUE = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
@@ -16,14 +15,14 @@ SOURCE = [{"x": x, "y": np.float32(x @ W_TRUE)}
           for x in np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)]
 
 
-class ToyTask:
+class ToyMethod:
     def __init__(self, nan_at_step=None):
         self.nan_at_step = nan_at_step
 
     def init_params(self, rng):
         return {"w": jax.random.normal(rng, (4,)) * 0.01}
 
-    def optimizer(self, params):
+    def optimizer_for(self, params):
         return optax.adam(0.05)
 
     def loss(self, params, batch, rng, step):
@@ -33,40 +32,40 @@ class ToyTask:
             loss = jnp.where(step == self.nan_at_step, jnp.nan, loss)
         return loss, {"mae": jnp.mean(jnp.abs(batch["x"] @ params["w"] - batch["y"]))}
 
-    def train_data(self, seed):
-        def augment(example, rng):  # the data order and this noise must both resume exactly
-            return dict(example, x=example["x"] + np.float32(0.001 * rng.standard_normal()))
-        return iter(train_dataset(SOURCE, augment, seed=seed, batch_size=8))
+    def train_transform(self, example, rng):  # the data order and this noise must both resume exactly
+        return dict(example, x=example["x"] + np.float32(0.001 * rng.standard_normal()))
 
 
 def _losses(workdir):
     return [json.loads(line)["loss"] for line in (workdir / "train_metrics.jsonl").read_text().splitlines()]
 
 
+def _trainer(method, workdir, **config):
+    return Trainer(method, TrainConfig(batch_size=8, **config), workdir, SOURCE)
+
+
 def test_loss_falls(tmp_path):
-    Trainer(ToyTask(), TrainConfig(total_steps=150, log_every=10, checkpoint_every=1000), tmp_path).run()
+    _trainer(ToyMethod(), tmp_path, total_steps=150, log_every=10, checkpoint_every=1000).run()
     losses = _losses(tmp_path)
     assert losses[-1] < 0.01 * losses[0], losses
 
 
 def test_resume_is_bit_exact(tmp_path):
-    straight = Trainer(ToyTask(), TrainConfig(total_steps=20, log_every=1, checkpoint_every=10),
-                       tmp_path / "a").run()
-    Trainer(ToyTask(), TrainConfig(total_steps=10, log_every=1, checkpoint_every=10), tmp_path / "b").run()
-    resumed = Trainer(ToyTask(), TrainConfig(total_steps=20, log_every=1, checkpoint_every=10),
-                      tmp_path / "b").run()
+    straight = _trainer(ToyMethod(), tmp_path / "a", total_steps=20, log_every=1, checkpoint_every=10).run()
+    _trainer(ToyMethod(), tmp_path / "b", total_steps=10, log_every=1, checkpoint_every=10).run()
+    resumed = _trainer(ToyMethod(), tmp_path / "b", total_steps=20, log_every=1, checkpoint_every=10).run()
     np.testing.assert_array_equal(resumed.params["w"], straight.params["w"])
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # identical curves, data order included
 
 
 def test_non_finite_loss_stops_with_the_step_and_saves_the_batch(tmp_path):
     with pytest.raises(NonFiniteLossError, match="at step 3"):
-        Trainer(ToyTask(nan_at_step=3), TrainConfig(total_steps=10, log_every=1), tmp_path).run()
+        _trainer(ToyMethod(nan_at_step=3), tmp_path, total_steps=10, log_every=1).run()
     saved = np.load(tmp_path / "nonfinite_batch_step3.npz")
     assert saved["x"].shape == (8, 4)
 
 
-class NestedToyTask(ToyTask):
+class NestedToyMethod(ToyMethod):
     """The toy model inside a bigger tree, as an encoder inside a segmentation model."""
 
     def init_params(self, rng):
@@ -77,21 +76,30 @@ class NestedToyTask(ToyTask):
         return loss + params["head"]["b"] ** 2, metrics
 
 
+class FrozenNestedToyMethod(NestedToyMethod):
+    """Never moves its parameters: a run of it ends with the parameters it started from (TrainConfig
+    requires total_steps >= 1, so a run cannot be zero steps long)."""
+
+    def optimizer_for(self, params):
+        return optax.set_to_zero()
+
+
 def test_fresh_run_starts_from_an_init_checkpoint_subtree(tmp_path):
-    pretrained = Trainer(ToyTask(), TrainConfig(total_steps=30, checkpoint_every=30), tmp_path / "pre").run()
-    config = TrainConfig(total_steps=0, init_checkpoint=str(tmp_path / "pre"), init_into="encoder")
-    state = Trainer(NestedToyTask(), config, tmp_path / "fine").run()
+    pretrained = _trainer(ToyMethod(), tmp_path / "pre", total_steps=30, checkpoint_every=30).run()
+    state = _trainer(FrozenNestedToyMethod(), tmp_path / "fine", total_steps=1,
+                     init_checkpoint=str(tmp_path / "pre"), init_into="encoder").run()
     np.testing.assert_array_equal(state.params["encoder"]["w"], pretrained.params["w"])
     assert float(state.params["head"]["b"]) == 0.0
 
 
 def test_init_checkpoint_of_another_model_names_the_differences(tmp_path):
-    Trainer(ToyTask(), TrainConfig(total_steps=2, checkpoint_every=2), tmp_path / "pre").run()
-    config = TrainConfig(total_steps=1, init_checkpoint=str(tmp_path / "pre"))
+    _trainer(ToyMethod(), tmp_path / "pre", total_steps=2, checkpoint_every=2).run()
+    config = TrainConfig(total_steps=1, batch_size=8, init_checkpoint=str(tmp_path / "pre"))
     with pytest.raises(ValueError, match=r"missing.*encoder/w|unexpected.*\bw\b"):
-        Trainer(NestedToyTask(), config, tmp_path / "fine").run()
+        Trainer(NestedToyMethod(), config, tmp_path / "fine", SOURCE).run()
     with pytest.raises(KeyError, match="'decoder' is not one of"):
-        Trainer(NestedToyTask(), dataclasses.replace(config, init_into="decoder"), tmp_path / "fine2").run()
+        Trainer(NestedToyMethod(), dataclasses.replace(config, init_into="decoder"), tmp_path / "fine2",
+                SOURCE).run()
 
 
 def test_progress_line_shows_rate_and_eta():

@@ -7,7 +7,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from jaxseg.data import transforms as T
+from jaxseg.data.augment import common, eomt, mmseg, timm
 
 
 def _scene(height=48, width=64):
@@ -31,7 +31,7 @@ def _label_from_image(image):
 def test_flip_crop_pad_keep_alignment_exactly():
     example = _scene()
     rng = np.random.default_rng(0)
-    out = T.random_crop(T.pad_to(T.hflip(example), (64, 80)), rng, (56, 72))
+    out = common.random_crop(common.pad_to(common.hflip(example), (64, 80)), rng, (56, 72))
     assert out["image"].shape == (56, 72, 3) and out["semantic"].shape == (56, 72)
     padded = out["image"].sum(-1) == 0
     assert np.all(out["semantic"][padded] == 255) and np.all(out["panoptic"][padded] == 0)
@@ -42,7 +42,7 @@ def test_flip_crop_pad_keep_alignment_exactly():
 def test_scale_jitter_keeps_alignment_away_from_edges():
     example = _scene()
     for seed in range(5):
-        out = T.scale_jitter(example, np.random.default_rng(seed), (96, 96), (0.5, 2.0))
+        out = eomt.scale_jitter(example, np.random.default_rng(seed), (96, 96), (0.5, 2.0))
         recovered = _label_from_image(out["image"])
         agree = (recovered == out["semantic"]).mean()
         assert agree > 0.9, agree  # bilinear image vs nearest labels differ only along edges
@@ -52,34 +52,34 @@ def test_scale_jitter_keeps_alignment_away_from_edges():
 def test_same_generator_same_result_and_masks_follow():
     example = _scene()
     example["masks"] = np.stack([example["semantic"] == 1, example["semantic"] == 2])
-    a = T.eomt_train_example(example, np.random.default_rng(3), (32, 32), (0.5, 1.5), color=True,
+    a = eomt.eomt_train_example(example, np.random.default_rng(3), (32, 32), (0.5, 1.5), color=True,
                              max_segments=4)
-    b = T.eomt_train_example(example, np.random.default_rng(3), (32, 32), (0.5, 1.5), color=True,
+    b = eomt.eomt_train_example(example, np.random.default_rng(3), (32, 32), (0.5, 1.5), color=True,
                              max_segments=4)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert a["masks"].shape == (4, 32, 32) and a["valid"].any()
-    flipped = T.hflip(example)
+    flipped = common.hflip(example)
     np.testing.assert_array_equal(flipped["masks"][0], example["masks"][0][:, ::-1])
 
 
 def test_mask_targets_from_semantic_and_panoptic():
     example = _scene()
-    targets = T.mask_targets(example["semantic"], max_segments=5)
+    targets = eomt.mask_targets(example["semantic"], max_segments=5)
     assert targets["valid"].tolist() == [True, True, True, False, False]
     assert sorted(targets["labels"][:3].tolist()) == [0, 1, 2]
     for mask, label in zip(targets["masks"][:3], targets["labels"][:3]):
         np.testing.assert_array_equal(mask, example["semantic"] == label)
     segments = {"id": np.array([11, 12]), "category_id": np.array([4, 9]), "iscrowd": np.array([False, True])}
-    targets = T.mask_targets(panoptic=example["panoptic"], segments=segments, max_segments=3)
+    targets = eomt.mask_targets(panoptic=example["panoptic"], segments=segments, max_segments=3)
     assert targets["valid"].tolist() == [True, False, False] and targets["labels"][0] == 4
     with pytest.raises(ValueError, match="exactly one"):
-        T.mask_targets(example["semantic"], example["panoptic"], max_segments=3)
+        eomt.mask_targets(example["semantic"], example["panoptic"], max_segments=3)
 
 
 def test_color_jitter_changes_only_the_image():
     example = _scene()
-    out = T.color_jitter(example, np.random.default_rng(1), p=1.0)
+    out = eomt.color_jitter(example, np.random.default_rng(1), p=1.0)
     assert out["image"].dtype == np.uint8 and not np.array_equal(out["image"], example["image"])
     np.testing.assert_array_equal(out["semantic"], example["semantic"])
 
@@ -87,19 +87,19 @@ def test_color_jitter_changes_only_the_image():
 def test_bad_inputs_are_named():
     example = _scene()
     with pytest.raises(ValueError, match="unknown per-pixel keys"):
-        T.hflip(dict(example, depth=np.zeros((48, 64))))
+        common.hflip(dict(example, depth=np.zeros((48, 64))))
     with pytest.raises(ValueError, match="pad first"):
-        T.random_crop(example, np.random.default_rng(0), (100, 100))
+        common.random_crop(example, np.random.default_rng(0), (100, 100))
     empty = dict(example, semantic=np.full((48, 64), 255, np.uint8))
     with pytest.raises(ValueError, match="no segment survived"):
-        T.eomt_train_example(empty, np.random.default_rng(0), (32, 32), (0.5, 1.0), color=False,
+        eomt.eomt_train_example(empty, np.random.default_rng(0), (32, 32), (0.5, 1.0), color=False,
                              max_segments=2, max_attempts=3)
 
 
 def test_panoptic_targets_through_the_eomt_chain():
     example = _scene()
     segments = {"id": np.array([11, 12]), "category_id": np.array([4, 9]), "iscrowd": np.array([False, True])}
-    out = T.eomt_train_example(example, np.random.default_rng(0), (40, 40), (0.8, 1.2), color=False,
+    out = eomt.eomt_train_example(example, np.random.default_rng(0), (40, 40), (0.8, 1.2), color=False,
                                max_segments=3, segments=segments)
     assert out["labels"][out["valid"]].tolist() == [4]  # the crowd segment never becomes a target
 
@@ -108,7 +108,7 @@ def test_a_generated_scene_through_the_eomt_chain():
     from jaxseg.data.synthetic import SceneConfig, generate_scene
     scene = generate_scene(SceneConfig(image_size=64), 0)
     example = {"image": scene["image"], "semantic": scene["semantic"], "panoptic": scene["panoptic"]}
-    out = T.eomt_train_example(example, np.random.default_rng(0), (48, 48), (0.5, 1.5), color=True,
+    out = eomt.eomt_train_example(example, np.random.default_rng(0), (48, 48), (0.5, 1.5), color=True,
                                max_segments=16, segments=scene["segments"])
     assert out["image"].shape == (48, 48, 3) and out["masks"].shape == (16, 48, 48)
     valid = out["valid"]
@@ -154,12 +154,12 @@ def _assert_aligned(out, tolerance=1.0):
 
 
 GEOMETRIC_OPS = {
-    "hflip": lambda x, rng: T.random_hflip(x, rng, p=1.0),
-    "random_resized_crop": lambda x, rng: T.random_resized_crop(x, rng, (48, 40)),
-    "ratio_rescale": lambda x, rng: T.ratio_rescale(x, rng, img_scale=(8 * 64, 64)),
-    "random_crop_cat_max": lambda x, rng: T.random_crop_cat_max(x, rng, (40, 56)),
-    "pad_to": lambda x, rng: T.pad_to(x, (100, 140)),
-    **{name: lambda x, rng, name=name: T.rand_augment_op(x, name, 10.0, rng)
+    "hflip": lambda x, rng: common.random_hflip(x, rng, p=1.0),
+    "random_resized_crop": lambda x, rng: timm.random_resized_crop(x, rng, (48, 40)),
+    "ratio_rescale": lambda x, rng: mmseg.ratio_rescale(x, rng, img_scale=(8 * 64, 64)),
+    "random_crop_cat_max": lambda x, rng: mmseg.random_crop_cat_max(x, rng, (40, 56)),
+    "pad_to": lambda x, rng: common.pad_to(x, (100, 140)),
+    **{name: lambda x, rng, name=name: timm.rand_augment_op(x, name, 10.0, rng)
        for name in RAND_AUGMENT_GEOMETRIC},
 }
 
@@ -220,10 +220,10 @@ def _photo(height=40, width=56, seed=0):
 
 
 # timm's create_transform hyper-parameters for WeakTr (224 input, bicubic).
-TIMM_AA_HPARAMS = dict(translate_const=100, img_mean=T.RAND_AUGMENT_FILL, interpolation=Image.BICUBIC)
+TIMM_AA_HPARAMS = dict(translate_const=100, img_mean=timm.RAND_AUGMENT_FILL, interpolation=Image.BICUBIC)
 
 
-@pytest.mark.parametrize("name", T.RAND_AUGMENT_OPS)
+@pytest.mark.parametrize("name", timm.RAND_AUGMENT_OPS)
 def test_rand_augment_ops_match_timm(timm_data, name):
     image = _photo()
     semantic = _coordinate_scene(40, 56)["semantic"]
@@ -237,7 +237,7 @@ def test_rand_augment_ops_match_timm(timm_data, name):
             except ValueError:  # posterize to 0 bits: recent Pillow refuses, older Pillow gave black
                 assert name == "PosterizeIncreasing" and magnitude == 10
                 expected = np.zeros_like(image)
-            out = T.rand_augment_op({"image": image, "semantic": semantic}, name, magnitude,
+            out = timm.rand_augment_op({"image": image, "semantic": semantic}, name, magnitude,
                                     np.random.default_rng(seed))
             assert out["image"].dtype == np.uint8 and out["image"].shape == image.shape
             np.testing.assert_array_equal(out["image"], expected, err_msg=f"{name} at {magnitude}")
@@ -249,7 +249,7 @@ def test_rand_augment_ops_match_timm(timm_data, name):
 def test_rand_augment_ops_are_the_identity_at_magnitude_zero(name):
     example = _coordinate_scene(40, 56)
     example["image"] = _photo()
-    out = T.rand_augment_op(example, name, 0.0, np.random.default_rng(0))
+    out = timm.rand_augment_op(example, name, 0.0, np.random.default_rng(0))
     for key in example:
         np.testing.assert_array_equal(out[key], example[key])
 
@@ -260,7 +260,7 @@ def test_rand_augment_policy_matches_timm(timm_data):
     for seed in range(30):
         timm_data.route(seed)
         expected = np.asarray(transform(Image.fromarray(image)))
-        np.testing.assert_array_equal(T.rand_augment({"image": image}, np.random.default_rng(seed))["image"],
+        np.testing.assert_array_equal(timm.rand_augment({"image": image}, np.random.default_rng(seed))["image"],
                                       expected)
 
 
@@ -270,31 +270,31 @@ def test_random_resized_crop_matches_timm_and_pil(timm_data):
     for seed in range(20):
         timm_data.route(seed)
         expected = np.asarray(crop(Image.fromarray(image)))
-        out = T.random_resized_crop({"image": image}, np.random.default_rng(seed), (32, 24))["image"]
+        out = timm.random_resized_crop({"image": image}, np.random.default_rng(seed), (32, 24))["image"]
         np.testing.assert_array_equal(out, expected)
     # No box of 1.5 to 2 times the area fits: the fallback is the centre crop at the largest aspect
     # ratio, 40 x round(40 * 4 / 3) = 53, from column (100 - 53) // 2 = 23.
     wide = _photo(40, 100)
-    out = T.random_resized_crop({"image": wide}, np.random.default_rng(0), (20, 30), scale=(1.5, 2.0))
+    out = timm.random_resized_crop({"image": wide}, np.random.default_rng(0), (20, 30), scale=(1.5, 2.0))
     expected = Image.fromarray(wide).crop((23, 0, 76, 40)).resize((30, 20), Image.BICUBIC)
     np.testing.assert_array_equal(out["image"], np.asarray(expected))
 
 
 def test_random_erasing_matches_timm(timm_data):
     import torch
-    image = T.normalize_image(_photo())
+    image = common.normalize_image(_photo())
     for seed in range(20):
         timm_data.route(seed)
         erase = timm_data.random_erasing.RandomErasing(0.5, mode="pixel", device="cpu")
         expected = erase(torch.from_numpy(image.transpose(2, 0, 1).copy())).numpy().transpose(1, 2, 0)
-        out = T.random_erasing({"image": image}, np.random.default_rng(seed), p=0.5)["image"]
+        out = timm.random_erasing({"image": image}, np.random.default_rng(seed), p=0.5)["image"]
         np.testing.assert_array_equal(out, expected)
 
 
 def test_random_erasing_statistics():
     size = 64
     blank = {"image": np.zeros((size, size, 3), np.float32)}
-    erased = [T.random_erasing(blank, np.random.default_rng(seed))["image"] for seed in range(2000)]
+    erased = [timm.random_erasing(blank, np.random.default_rng(seed))["image"] for seed in range(2000)]
     changed = [e for e in erased if e.any()]
     assert abs(len(changed) / len(erased) - 0.25) < 0.04  # p = 0.25; 4 standard deviations
     noise = []
@@ -313,31 +313,31 @@ def test_random_erasing_statistics():
 
 def test_weaktr_stage1_example():
     example = {"image": _photo(60, 90), "labels": np.array([0, 1, 1], np.float32)}
-    outs = [T.weaktr_stage1_example(example, np.random.default_rng(seed), size=32) for seed in (0, 0, 1)]
+    outs = [timm.weaktr_stage1_example(example, np.random.default_rng(seed), size=32) for seed in (0, 0, 1)]
     assert outs[0]["image"].shape == (32, 32, 3) and outs[0]["image"].dtype == np.float32
     np.testing.assert_array_equal(outs[0]["image"], outs[1]["image"])
     assert not np.array_equal(outs[0]["image"], outs[2]["image"])
     np.testing.assert_array_equal(outs[0]["labels"], example["labels"])
     # "flip": the whole image resized, mirrored or not, normalised.
-    resized = T.normalize_image(T.resize({"image": example["image"]}, (32, 32))["image"])
-    flips = [T.weaktr_stage1_example(example, np.random.default_rng(seed), size=32, augmentation="flip")["image"]
+    resized = common.normalize_image(common.resize({"image": example["image"]}, (32, 32))["image"])
+    flips = [timm.weaktr_stage1_example(example, np.random.default_rng(seed), size=32, augmentation="flip")["image"]
              for seed in range(8)]
     assert all(np.array_equal(f, resized) or np.array_equal(f, resized[:, ::-1]) for f in flips)
     assert any(np.array_equal(f, resized) for f in flips) and any(np.array_equal(f, resized[:, ::-1]) for f in flips)
     with pytest.raises(ValueError, match="augmentation must be one of"):
-        T.weaktr_stage1_example(example, np.random.default_rng(0), size=32, augmentation="none")
+        timm.weaktr_stage1_example(example, np.random.default_rng(0), size=32, augmentation="none")
 
 
 def test_ratio_rescale_follows_mmcv_rule():
     for seed in range(10):
         ratio = np.random.default_rng(seed).random() * 1.5 + 0.5  # the first draw, as mmseg's
         # A 30 x 40 image: the short-side bound int(52 r) binds and sets the short side exactly.
-        out = T.ratio_rescale({"image": np.zeros((30, 40, 3), np.uint8)}, np.random.default_rng(seed),
+        out = mmseg.ratio_rescale({"image": np.zeros((30, 40, 3), np.uint8)}, np.random.default_rng(seed),
                               img_scale=(8 * 52, 52))
         short = int(52 * ratio)
         assert out["image"].shape[:2] == (short, int(40 * short / 30 + 0.5))
         # A 10 x 100 image is longer than 8:1, so the long-side bound int(416 r) binds instead.
-        out = T.ratio_rescale({"image": np.zeros((10, 100, 3), np.uint8)}, np.random.default_rng(seed),
+        out = mmseg.ratio_rescale({"image": np.zeros((10, 100, 3), np.uint8)}, np.random.default_rng(seed),
                               img_scale=(8 * 52, 52))
         long = int(416 * ratio)
         assert out["image"].shape[:2] == (int(10 * long / 100 + 0.5), long)
@@ -348,18 +348,18 @@ def test_mmcv_resize_matches_opencv():
     # Known answers from cv2.resize(INTER_LINEAR) (OpenCV 5.0, x86), red channel.
     up = [[95, 148, 204, 78, 77, 202, 233, 248], [79, 136, 199, 96, 61, 95, 102, 105],
           [65, 106, 154, 107, 87, 95, 62, 36], [59, 69, 83, 108, 147, 202, 127, 64]]
-    np.testing.assert_array_equal(T.mmcv_resize({"image": image}, (4, 8))["image"][..., 0], up)
-    np.testing.assert_array_equal(T.mmcv_resize({"image": image}, (2, 3))["image"][..., 0],
+    np.testing.assert_array_equal(mmseg.mmcv_resize({"image": image}, (4, 8))["image"][..., 0], up)
+    np.testing.assert_array_equal(mmseg.mmcv_resize({"image": image}, (2, 3))["image"][..., 0],
                                   [[130, 27, 183], [78, 105, 90]])
     # Upsampling has no antialiasing to differ in: PIL's bilinear agrees up to OpenCV's fixed point.
     photo = _photo()
-    ours = T.mmcv_resize({"image": photo}, (100, 130))["image"].astype(int)
+    ours = mmseg.mmcv_resize({"image": photo}, (100, 130))["image"].astype(int)
     assert np.abs(ours - np.asarray(Image.fromarray(photo).resize((130, 100), Image.BILINEAR))).max() <= 1
     # OpenCV's nearest takes source floor(i * in / out), not the pixel centre as PIL does.
     labels = {"image": np.zeros((2, 8, 3), np.uint8),
               "semantic": np.arange(8, dtype=np.uint8)[None].repeat(2, 0)}
-    assert T.mmcv_resize(labels, (2, 4))["semantic"][0].tolist() == [0, 2, 4, 6]
-    assert T.mmcv_resize(labels, (2, 12))["semantic"][0].tolist() == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7]
+    assert mmseg.mmcv_resize(labels, (2, 4))["semantic"][0].tolist() == [0, 2, 4, 6]
+    assert mmseg.mmcv_resize(labels, (2, 12))["semantic"][0].tolist() == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7]
 
 
 def test_random_crop_honours_cat_max_ratio_when_feasible():
@@ -373,15 +373,15 @@ def test_random_crop_honours_cat_max_ratio_when_feasible():
         counts = np.bincount(crop[crop != 255], minlength=2)
         return counts.max() / counts.sum()
 
-    capped = [T.random_crop_cat_max(example, np.random.default_rng(s), (32, 32))["semantic"]
+    capped = [mmseg.random_crop_cat_max(example, np.random.default_rng(s), (32, 32))["semantic"]
               for s in range(40)]
     assert all(c.shape == (32, 32) and dominant_share(c) < 0.75 for c in capped)
-    free = [T.random_crop_cat_max(example, np.random.default_rng(s), (32, 32), cat_max_ratio=1.0)["semantic"]
+    free = [mmseg.random_crop_cat_max(example, np.random.default_rng(s), (32, 32), cat_max_ratio=1.0)["semantic"]
             for s in range(40)]
     assert any(dominant_share(c) >= 0.75 for c in free)
     # Infeasible (one class): the last box drawn is kept. Smaller images give smaller crops.
     single = {"image": np.zeros((20, 24, 3), np.uint8), "semantic": np.zeros((20, 24), np.uint8)}
-    assert T.random_crop_cat_max(single, np.random.default_rng(0), (16, 32))["semantic"].shape == (16, 24)
+    assert mmseg.random_crop_cat_max(single, np.random.default_rng(0), (16, 32))["semantic"].shape == (16, 24)
 
 
 def test_opencv_hsv_conversions():
@@ -390,12 +390,12 @@ def test_opencv_hsv_conversions():
                      [200, 60, 40]]], np.uint8)
     hsv = [[[0, 255, 255], [60, 255, 255], [120, 255, 255], [70, 240, 200], [0, 0, 250], [15, 170, 3],
             [4, 204, 200]]]
-    np.testing.assert_array_equal(T._cv2_rgb_to_hsv(rgb), hsv)
+    np.testing.assert_array_equal(mmseg._cv2_rgb_to_hsv(rgb), hsv)
     # ... and HSV -> RGB, where the first two land on integers that only the fused 1 - s * x keeps.
     hsv = np.array([[[1, 90, 85], [1, 90, 170], [100, 200, 50], [179, 255, 255], [0, 0, 77], [60, 128, 200]]],
                    np.uint8)
     rgb = [[[85, 56, 55], [170, 112, 110], [10, 36, 50], [255, 0, 8], [77, 77, 77], [99, 200, 99]]]
-    np.testing.assert_array_equal(T._cv2_hsv_to_rgb(hsv), rgb)
+    np.testing.assert_array_equal(mmseg._cv2_hsv_to_rgb(hsv), rgb)
 
 
 def test_photometric_distortion_ranges():
@@ -403,7 +403,7 @@ def test_photometric_distortion_ranges():
     grey = {"image": np.full((8, 8, 3), 100, np.uint8), "semantic": np.zeros((8, 8), np.uint8)}
     values = []
     for seed in range(300):
-        out = T.photometric_distortion(grey, np.random.default_rng(seed))
+        out = mmseg.photometric_distortion(grey, np.random.default_rng(seed))
         assert out["image"].dtype == np.uint8 and (out["image"] == out["image"][0, 0, 0]).all()
         np.testing.assert_array_equal(out["semantic"], grey["semantic"])
         values.append(int(out["image"][0, 0, 0]))
@@ -412,14 +412,14 @@ def test_photometric_distortion_ranges():
     # Hue moves by an integer in [-18, 18) half-degrees; brightness, contrast and saturation keep it up
     # to rounding for a colour that no step clips ((130 + 32) * 1.5 < 255, 60 - 32 > 0).
     colour = {"image": np.tile(np.array([130, 75, 60], np.uint8), (8, 8, 1))}
-    hue = int(T._cv2_rgb_to_hsv(colour["image"])[0, 0, 0])
+    hue = int(mmseg._cv2_rgb_to_hsv(colour["image"])[0, 0, 0])
     shifts = []
     for seed in range(300):
-        out = T.photometric_distortion(colour, np.random.default_rng(seed))["image"]
-        shifts.append((int(T._cv2_rgb_to_hsv(out)[0, 0, 0]) - hue + 90) % 180 - 90)
+        out = mmseg.photometric_distortion(colour, np.random.default_rng(seed))["image"]
+        shifts.append((int(mmseg._cv2_rgb_to_hsv(out)[0, 0, 0]) - hue + 90) % 180 - 90)
     assert max(np.abs(shifts)) <= 18 + 2 and min(shifts) < -12 and max(shifts) > 12
-    again = T.photometric_distortion(colour, np.random.default_rng(7))["image"]
-    np.testing.assert_array_equal(again, T.photometric_distortion(colour, np.random.default_rng(7))["image"])
+    again = mmseg.photometric_distortion(colour, np.random.default_rng(7))["image"]
+    np.testing.assert_array_equal(again, mmseg.photometric_distortion(colour, np.random.default_rng(7))["image"])
 
 
 def test_weaktr_stage2_example():
@@ -427,13 +427,13 @@ def test_weaktr_stage2_example():
     example = {"image": _photo(40, 50), "semantic": rng.integers(0, 3, (40, 50)).astype(np.uint8)}
     padded = 0
     for seed in range(12):
-        out = T.weaktr_stage2_example(example, np.random.default_rng(seed), crop=48, base=44)
+        out = mmseg.weaktr_stage2_example(example, np.random.default_rng(seed), crop=48, base=44)
         assert set(out) == {"image", "semantic"}
         assert out["image"].shape == (48, 48, 3) and out["image"].dtype == np.float32
         assert out["semantic"].shape == (48, 48) and set(np.unique(out["semantic"])) <= {0, 1, 2, 255}
         pad = out["semantic"] == 255
         assert (out["image"][pad] == 0).all()
         padded += pad.any()
-        again = T.weaktr_stage2_example(example, np.random.default_rng(seed), crop=48, base=44)
+        again = mmseg.weaktr_stage2_example(example, np.random.default_rng(seed), crop=48, base=44)
         np.testing.assert_array_equal(out["image"], again["image"])
     assert 0 < padded < 12  # short sides 22 to 88 around the 48 crop

@@ -12,9 +12,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from jaxseg.data.datasets import DataConfig  # noqa: E402
 from jaxseg.data.synthetic import SceneConfig, generate_scene  # noqa: E402
 from jaxseg.losses.mask_classification import SetLossConfig  # noqa: E402
-from jaxseg.train.tasks import EomtTask  # noqa: E402
+from jaxseg.methods.eomt import Annealing, EomtMethod, EomtOptimizer  # noqa: E402
+from jaxseg.parallel import MeshConfig  # noqa: E402
 from jaxseg.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 MODEL = dict(encoder=dict(width=64, depth=2, num_heads=4, mlp_dim=256, patch_size=8, posemb_grid=(4, 4),
@@ -25,11 +27,11 @@ MESHES = {"dp": (("data", 8), ("fsdp", 1), ("tensor", 1)),
           "dp_tp": (("data", 2), ("fsdp", 1), ("tensor", 4))}
 
 
-class SgdEomtTask(EomtTask):
+class SgdEomtMethod(EomtMethod):
     """EoMT with plain SGD: Adam's normalised first step would turn round-off in near-zero gradients
     into full-size steps, hiding what is compared here (the sharded loss and gradients)."""
 
-    def optimizer(self, params):
+    def optimizer_for(self, params):
         return optax.sgd(0.1)
 
 
@@ -39,16 +41,16 @@ def source():
 
 
 def run(mesh, steps):
-    task = SgdEomtTask(model=MODEL, source=source(), total_steps=30, batch_size=8, crop_size=32,
-                       scale_range=(0.9, 1.1), warmup=(2, 2), clip_norm=1.0,
-                       loss_config=SetLossConfig(num_points=256),
-                       # Masking fully annealed: thresholding logits at 0 would turn round-off from a
-                       # different reduction order (tensor parallelism) into different attention masks.
-                       annealing_windows=([-2], [-1]))
-    config = TrainConfig(total_steps=steps, log_every=1, checkpoint_every=100,
-                         mesh=(("data", 1), ("fsdp", 1), ("tensor", 1)) if mesh is None else mesh)
+    method = SgdEomtMethod(model=MODEL, optimizer=EomtOptimizer(), total_steps=30, batch_size=8,
+                           data=DataConfig(name="jaxseg_scenes"), crop_size=32, scale_range=(0.9, 1.1),
+                           set_loss=SetLossConfig(num_points=256),
+                           # Masking fully annealed: thresholding logits at 0 would turn round-off from a
+                           # different reduction order (tensor parallelism) into different attention masks.
+                           annealing=Annealing((-2,), (-1,)))
+    config = TrainConfig(total_steps=steps, batch_size=8, log_every=1, checkpoint_every=100)
     devices = jax.devices()[:1] if mesh is None else jax.devices()
-    params = jax.device_get(Trainer(task, config, tempfile.mkdtemp(), devices=devices).run().params)
+    mesh = MeshConfig((("data", 1), ("fsdp", 1), ("tensor", 1)) if mesh is None else mesh).make_mesh(devices)
+    params = jax.device_get(Trainer(method, config, tempfile.mkdtemp(), source(), mesh=mesh).run().params)
     return jax.tree_util.tree_leaves(params)
 
 

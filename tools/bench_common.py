@@ -53,3 +53,46 @@ def torch_device():
         return "cpu", lambda: None, lambda: None, lambda: None
     return ("cuda", torch.cuda.synchronize, lambda: torch.cuda.max_memory_allocated() / 2**30,
             torch.cuda.reset_peak_memory_stats)
+
+
+def shipped_train_step(method, local_batch: dict):
+    """The trainer's compiled step for `method` on one device, its initial state and the batch as a global
+    array: what `Trainer.run` executes each step (`jaxseg.train.trainer.Trainer.make_step`)."""
+    import tempfile
+
+    import flax.linen as nn
+    import jax
+
+    from jaxseg.parallel import DEFAULT_RULES, MeshConfig, global_batch
+    from jaxseg.train.trainer import TrainConfig, Trainer
+
+    mesh = MeshConfig().make_mesh(jax.devices()[:1])
+    batch_size = len(next(iter(local_batch.values())))
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(method, TrainConfig(total_steps=method.total_steps, batch_size=batch_size), workdir, [],
+                          mesh=mesh)
+        init, _, shardings = trainer.abstract_state()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        state = trainer.initial_state(init, shardings)
+        step = trainer.make_step(shardings)
+        return step, state, global_batch(local_batch, mesh)
+
+
+def time_train_step(method, local_batch: dict, steps: int) -> tuple[float, dict]:
+    """(XLA temporary MiB, {"train step": median seconds, "peak GiB"?}) of the shipped train step."""
+    import jax
+
+    step, state, batch = shipped_train_step(method, local_batch)
+    compiled = step.lower(state, batch).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    result = {"train step": median_seconds(run, steps)}
+    peak = jax_peak_gib()
+    if peak is not None:
+        result["peak GiB"] = peak
+    return temp, result

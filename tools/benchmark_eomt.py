@@ -3,8 +3,9 @@ inputs, and prints a table with ratios.
 
     python tools/benchmark_eomt.py --size S --image-size 256 --batch 2 --queries 100 --targets 20
 
-Rows: inference forward (masked attention off), and a training step (masked attention on with all
-probabilities 1, set loss over the L2+1 predictions, backward, AdamW update). Median of --steps timed
+Rows: inference forward (masked attention off), and the shipped training step (`Trainer.make_step` over
+`EomtMethod`: masked attention on with all probabilities 1, set loss over the L2+1 predictions, backward,
+the recipe's AdamW with LLRD and gradient clipping; transformers' side: AdamW). Median of --steps timed
 runs after warm-up/compilation. Also: the share of the jaxseg step spent in matching (cost matrix +
 Hungarian for every prediction layer), measured by timing that part alone; the FLOPs of both jaxseg
 programs (XLA cost analysis), achieved TFLOP/s and, given --peak-tflops, MFU. On a GPU the JAX peak
@@ -16,16 +17,21 @@ transformers is optional (--no-torch). A GPU run of the paper's setting:
 """
 import argparse
 import sys
+import tempfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from bench_common import install_torch_guard, median_seconds, print_table
 
-from jaxseg.losses.mask_classification import SetLossConfig, Targets, draw_points, matching_cost, set_loss
+from jaxseg.data.datasets import DataConfig
+from jaxseg.losses.mask_classification import SetLossConfig, Targets, draw_points, matching_cost
 from jaxseg.matching import match
-from jaxseg.models.eomt import EoMT, eomt_config
+from jaxseg.methods.eomt import Annealing, EomtMethod, EomtOptimizer
+from jaxseg.models.eomt import eomt_config
+from jaxseg.parallel import DEFAULT_RULES, MeshConfig, global_batch
+from jaxseg.train.trainer import TrainConfig, Trainer
 
 
 def _targets(batch, num_targets, size, num_classes, seed=0):
@@ -49,54 +55,47 @@ def _flops(jitted, *args) -> float | None:
 
 
 def bench_jax(config, images, targets, loss_config, steps):
-    model = EoMT(**config)
+    """The shipped train step (`Trainer.make_step` over `EomtMethod`: annealed masking, the set loss on
+    every prediction, the recipe's AdamW with LLRD and clipping), masking on in every block."""
+    batch, num_targets = targets.labels.shape
     num_blocks = config["num_query_blocks"]
-    variables = jax.jit(lambda: model.init({"params": jax.random.key(0), "masking": jax.random.key(1)},
-                                           images[:1], jnp.ones(num_blocks)))()
-    params = variables["params"]
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    tx = optax.adamw(1e-4)
-    opt_state = tx.init(params)
+    never = (10 ** 6,) * num_blocks  # annealing windows beyond the run: masking probability 1
+    method = EomtMethod(model=config, optimizer=EomtOptimizer(), total_steps=10_000, batch_size=batch,
+                        data=DataConfig(name="jaxseg_scenes"), crop_size=images.shape[1], max_segments=num_targets,
+                        set_loss=loss_config, annealing=Annealing(never, tuple(n + 1 for n in never)))
+    mesh = MeshConfig().make_mesh(jax.devices()[:1])
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer = Trainer(method, TrainConfig(total_steps=10_000, batch_size=batch), workdir, [], mesh=mesh)
+        init, _, shardings = trainer.abstract_state()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        state = {"train": trainer.initial_state(init, shardings)}
+        train_step = trainer.make_step(shardings)
+        inputs = global_batch({"image": images, "masks": targets.masks, "labels": targets.labels,
+                               "valid": targets.valid}, mesh)
+        params = state["train"].params
+        forward = jax.jit(lambda p, x: method.network.apply({"params": p}, x))
+        out = forward(params, images)
 
-    @jax.jit
-    def train_step(params, opt_state, key):
-        mask_key, loss_key = jax.random.split(key)
+        @jax.jit
+        def matching_only(class_logits, mask_logits, key):
+            results = []
+            for layer_key in jax.random.split(key, num_blocks + 1):
+                draws = draw_points(layer_key, batch, num_targets, loss_config)
+                cost = matching_cost(class_logits, mask_logits, targets, draws.match_points, loss_config)
+                results.append(match(cost, targets.valid, method=loss_config.matcher).query_of_target)
+            return results
 
-        def loss_fn(p):
-            out = model.apply({"params": p}, images, jnp.ones(num_blocks), rngs={"masking": mask_key})
-            return set_loss(out["class_logits"], out["mask_logits"], targets, loss_key, loss_config)[0]
+        def step():
+            state["train"], metrics = train_step(state["train"], inputs)
+            metrics["loss"].block_until_ready()
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    out = forward(params, images)
-    layers = num_blocks + 1
-
-    @jax.jit
-    def matching_only(class_logits, mask_logits, key):
-        results = []
-        for layer_key in jax.random.split(key, layers):
-            draws = draw_points(layer_key, targets.labels.shape[0], targets.labels.shape[1], loss_config)
-            cost = matching_cost(class_logits, mask_logits, targets, draws.match_points, loss_config)
-            results.append(match(cost, targets.valid, method=loss_config.matcher).query_of_target)
-        return results
-
-    state = {"params": params, "opt": opt_state}
-
-    def step():
-        state["params"], state["opt"], loss = train_step(state["params"], state["opt"], jax.random.key(0))
-        loss.block_until_ready()
-
-    results = {
-        "forward": median_seconds(lambda: forward(params, images)["mask_logits"].block_until_ready(),
-                                  steps),
-        "train step": median_seconds(step, steps),
-        "matching": median_seconds(lambda: jax.block_until_ready(matching_only(
-            out["class_logits"][0], out["mask_logits"][0], jax.random.key(0))), steps),
-    }
-    results["flops"] = {"forward": _flops(forward, params, images),
-                        "train step": _flops(train_step, params, opt_state, jax.random.key(0))}
+        results = {"flops": {"forward": _flops(forward, params, images),
+                             "train step": _flops(train_step, state["train"], inputs)},
+                   "forward": median_seconds(lambda: forward(params, images)["mask_logits"].block_until_ready(),
+                                             steps),
+                   "train step": median_seconds(step, steps),
+                   "matching": median_seconds(lambda: jax.block_until_ready(matching_only(
+                       out["class_logits"][0], out["mask_logits"][0], jax.random.key(0))), steps)}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         results["peak GiB"] = stats["peak_bytes_in_use"] / 2**30

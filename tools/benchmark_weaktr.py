@@ -4,8 +4,9 @@
 
 --stage picks stage 1 (the default), 2 or both.
 
-Stage 1 (the CAM network: the three soft-margin losses, AdamW with weight decay 0.03, drop-path 0.1 as in
-WeakTr's recipe), for each of --image-sizes:
+jaxseg's side is the shipped train step (`Trainer.make_step` over `WeakTrMethod` / `SegmenterMethod`, as
+training runs it). Stage 1 (the CAM network: the three soft-margin losses, AdamW with weight decay 0.03 on
+timm's per-epoch cosine, drop-path 0.1 as in WeakTr's recipe), for each of --image-sizes:
   - memory: tokens T = C + P, the bytes that keeping all K x H attention maps would take (what a direct
     port of the PyTorch code stores: K * H * T^2 floats per image), the temporary memory XLA allocates for
     the compiled step (`memory_analysis`, available on CPU too), and the step time (median). The same step
@@ -27,47 +28,17 @@ import argparse
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from bench_common import install_torch_guard, jax_peak_gib, median_seconds, print_table, torch_device
+from bench_common import install_torch_guard, median_seconds, print_table, time_train_step, torch_device
 
-from jaxseg.losses.gradient_clipping import gradient_clipping_loss
-from jaxseg.losses.multilabel import cam_loss
-from jaxseg.models.segmenter import Segmenter
+from jaxseg.data.datasets import DataConfig
+from jaxseg.methods.segmenter import SegmenterMethod, SegmenterOptimizer
+from jaxseg.methods.weaktr import WeakTrMethod, WeakTrOptimizer
 from jaxseg.models.vit import vit_config
-from jaxseg.models.weaktr import WeakTr
-from jaxseg.train.optim import segmenter_optimizer
 
 LR_STAGE1, LR_STAGE2, WEIGHT_DECAY, DROP_PATH = 7.5e-5, 1e-4, 0.03, 0.1
-
-
-def time_jax_step(model, make_tx, loss_fn, images, targets, steps) -> tuple[float, dict]:
-    """(XLA temporary MiB, {"train step": median seconds, "peak GiB"?}) of a training step: forward in
-    training mode, `loss_fn(outputs, targets)`, backward, optimizer update."""
-    params = nn.unbox(jax.jit(lambda: model.init(jax.random.key(0), images[:1]))()["params"])
-    tx = make_tx(params)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def train_step(params, opt_state, images, targets, key):
-        def loss(p):
-            return loss_fn(model.apply({"params": p}, images, train=True, rngs={"dropout": key}), targets)
-
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    args = (params, opt_state, images, targets, jax.random.key(1))
-    compiled = train_step.lower(*args).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
-    result = {"train step": median_seconds(lambda: jax.block_until_ready(compiled(*args)), steps)}
-    peak = jax_peak_gib()
-    if peak is not None:
-        result["peak GiB"] = peak
-    return temp, result
 
 
 def time_torch_step(modules, optimizer, loss_fn, steps) -> dict:
@@ -154,10 +125,11 @@ def stage1(args) -> None:
         images = jnp.asarray(np.random.default_rng(1).random((args.batch, size, size, 3), np.float32))
         steps = {}
         for fusion in ("aaf", "mctformer"):
-            steps[fusion] = time_jax_step(
-                WeakTr(encoder=encoder, num_classes=args.classes, fusion=fusion),
-                lambda _: optax.adamw(LR_STAGE1, weight_decay=WEIGHT_DECAY),
-                lambda out, y: cam_loss(out, y)[0], images, labels, args.steps)
+            method = WeakTrMethod(model=dict(encoder=encoder, num_classes=args.classes, fusion=fusion),
+                                  optimizer=WeakTrOptimizer(lr=LR_STAGE1, weight_decay=WEIGHT_DECAY),
+                                  total_steps=1000, batch_size=args.batch, data=DataConfig(name="jaxseg_scenes"),
+                                  steps_per_epoch=100, crop_size=size)
+            steps[fusion] = time_train_step(method, {"image": images, "labels": labels}, args.steps)
         reference = None if args.no_torch else stage1_torch(encoder, args.classes, images, labels, args.steps)
         rows.append((size, steps, reference))
 
@@ -186,17 +158,17 @@ def stage2(args) -> None:
     encoder = vit_config(args.variant, "deit", posemb_grid=(size // patch, size // patch),
                          drop_path_rate=DROP_PATH, **args.encoder_overrides)
     classes = args.classes + 1  # background
-    model = Segmenter(encoder=encoder, num_classes=classes, decoder_heads=encoder["width"] // 64,
-                      decoder_mlp_dim=4 * encoder["width"])
+    # Trained on pseudo-labels (the clipping loss asks for them; none are read here).
+    method = SegmenterMethod(model=dict(encoder=encoder, num_classes=classes, decoder_heads=encoder["width"] // 64,
+                                        decoder_mlp_dim=4 * encoder["width"]),
+                             optimizer=SegmenterOptimizer(lr=LR_STAGE2), total_steps=1000, batch_size=args.batch,
+                             data=DataConfig(name="jaxseg_scenes", pseudo_labels_dir="unused"), crop_size=size,
+                             clip_cell_size=args.clip_cell, start_value=args.start_value)
     rng = np.random.default_rng(2)
     images = jnp.asarray(rng.standard_normal((args.batch, size, size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, classes, (args.batch, size, size)), jnp.int32)
 
-    def loss_fn(logits, y):
-        return gradient_clipping_loss(logits[-1], y, patch_size=args.clip_cell, start_value=args.start_value)[0]
-
-    temp, result = time_jax_step(model, lambda p: segmenter_optimizer(p, total_steps=1000, lr=LR_STAGE2),
-                                 loss_fn, images, labels, args.steps)
+    temp, result = time_train_step(method, {"image": images, "semantic": labels}, args.steps)
     rows = [("jaxseg", result)]
     if not args.no_torch:
         rows.append(("PyTorch", stage2_torch(encoder, classes, images, labels, args.clip_cell, args.start_value,

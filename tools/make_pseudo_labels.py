@@ -14,9 +14,11 @@ the params file or the run's `config.json` (written by `tools/train.py`), and so
 foreground classes and the ground-truth label space (`--ground_truth`, default "categories" without a
 run: "categories" when the first `--num_foreground` categories are the foreground, c -> c + 1 and other
 categories -> background 0; "wsss" when the dataset's labels already are background 0 + classes 1..C,
-as VOC's), and whether the CAMs are refined by the patch attention (`--refine` / `--no-refine`, default
-the run's `refine_cams`, else refined). The PNGs take the background threshold that the run's last CAM
-evaluation found best (`eval.json`), unless `--threshold` is given.
+as VOC's), and the CAM predictor's settings: whether the CAMs are refined by the patch attention
+(`--refine` / `--no-refine`) and the scales (`--scales`), default the run's evaluation's, else refined at
+1.0 and 1.2. The PNGs take the background threshold that the run's last CAM evaluation found best
+(`eval.json`), unless `--threshold` is given. The CAMs run through the evaluator (`jaxseg.evaluate`):
+on several hosts each writes the PNGs of its share.
 """
 import argparse
 import json
@@ -26,16 +28,64 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.convert.params_io import load_params
-from jaxseg.data.datasets import image_name
+from jaxseg.data.datasets import LABEL_SPACES, FirstExamples, image_name
+from jaxseg.evaluate import Evaluator
+from jaxseg.methods.weaktr import PSEUDO_LABEL_THRESHOLD, CamPredictor
+from jaxseg.metrics.accumulators import CamSweepMetric
 from jaxseg.models.weaktr import WeakTr
+from jaxseg.runs import load_run
 from jaxseg.train.checkpoint import check_tree_names, restore_params
-from jaxseg.train.wsss_tasks import GROUND_TRUTHS, PSEUDO_LABEL_THRESHOLD, wsss_semantic
 from jaxseg.visualize import label_png
-from jaxseg.wsss.cam import ThresholdSweep, image_cams, pseudo_label
+
+DEFAULT_SCALES = (1.0, 1.2)
+
+
+class ToolError(ValueError):
+    """A problem with the tool's input, reported as one `error:` line."""
+
+
+def _model(args, checkpoint: pathlib.Path):
+    """(WeakTr network, params, the run's CAM predictor settings, the run's label space, the run's best
+    threshold) from the checkpoint (run directory, bare checkpoints, or params file)."""
+    if checkpoint.is_file():
+        file_config, params = load_params(checkpoint)
+        if "encoder" not in file_config:
+            # E.g. the DeiT init of a WeakTr run (convert_weights.py --num-cls-tokens): no CAM head yet.
+            raise ToolError(f"{checkpoint} holds plain ViT params (its model config has no WeakTr 'encoder'), "
+                            "not a WeakTr network with a CAM head: give a file converted from an official WeakTr "
+                            "checkpoint (tools/convert_weights.py --layout weaktr) or a training run directory")
+        model_config = json.loads(pathlib.Path(args.model_config).read_text()) if args.model_config else file_config
+        network = _network(model_config)
+        check_tree_names(_abstract(network), params, f"params {checkpoint}")
+        return network, params, {}, None, None
+    if (checkpoint / "config.json").is_file() and not args.model_config:
+        run = load_run(checkpoint)
+        if not isinstance(run.method.network, WeakTr):
+            raise ToolError(f"{checkpoint} is a run of method {run.config.method.name!r}, not a WeakTr CAM run")
+        settings = dict(run.eval_config().predictor)
+        run_eval = checkpoint / "eval.json"
+        evaluations = json.loads(run_eval.read_text()) if run_eval.is_file() else {}
+        best = next((e["best_threshold"] for e in evaluations.values() if isinstance(e, dict)
+                     and "best_threshold" in e), None)
+        return run.method.network, run.params, settings, run.parts.data.ground_truth, best
+    if not args.model_config:
+        raise ToolError(f"{checkpoint} holds no config.json: give the model with --model_config")
+    network = _network(json.loads(pathlib.Path(args.model_config).read_text()))
+    return network, restore_params(checkpoint, _abstract(network)), {}, None, None
+
+
+def _network(model_config: dict) -> WeakTr:
+    model_config["encoder"]["posemb_grid"] = tuple(model_config["encoder"]["posemb_grid"])
+    return WeakTr(**model_config)
+
+
+def _abstract(network: WeakTr):
+    grid, patch = network.encoder["posemb_grid"], network.encoder["patch_size"]
+    example = jax.numpy.zeros((1, grid[0] * patch, grid[1] * patch, 3))
+    return nn.unbox(jax.eval_shape(lambda: network.init(jax.random.key(0), example))["params"])
 
 
 def main(argv=None) -> int:
@@ -49,17 +99,17 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--num_foreground", type=int, help="default: the model's number of classes")
-    parser.add_argument("--ground_truth", choices=GROUND_TRUTHS,
+    parser.add_argument("--ground_truth", choices=LABEL_SPACES,
                         help="label space of the dataset's semantic maps (default: the run's config, "
                         "else categories)")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.2])
+    parser.add_argument("--scales", type=float, nargs="+", help=f"default: the run's, else {DEFAULT_SCALES}")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction,
-                        help="refine the CAMs by the patch attention, R = PA . M (default: the run's "
-                        "refine_cams, else yes)")
+                        help="refine the CAMs by the patch attention, R = PA . M (default: the run's, else yes)")
     parser.add_argument("--threshold", type=float,
                         help="background threshold of the PNGs (default: the best of the run's last CAM "
                         f"evaluation, CHECKPOINT/eval.json, else {PSEUDO_LABEL_THRESHOLD})")
     parser.add_argument("--sweep", type=float, nargs="+", default=[round(0.05 * i, 2) for i in range(2, 20)])
+    parser.add_argument("--batch_size", type=int, default=8, help="images of one size predicted together")
     parser.add_argument("--limit", type=int, help="only the first N examples")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -70,85 +120,36 @@ def main(argv=None) -> int:
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         print(f"error: {out_dir} is not empty; pass --overwrite to write into it", file=sys.stderr)
         return 1
-    checkpoint = pathlib.Path(args.checkpoint)
-    file_config, file_params = None, None
-    if checkpoint.is_file():
-        try:
-            file_config, file_params = load_params(checkpoint)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        if "encoder" not in file_config:
-            # E.g. the DeiT init of a WeakTr run (convert_weights.py --num-cls-tokens): no CAM head yet.
-            print(f"error: {checkpoint} holds plain ViT params (its model config has no WeakTr 'encoder'), "
-                  f"not a WeakTr network with a CAM head: give a file converted from an official WeakTr "
-                  f"checkpoint (tools/convert_weights.py --layout weaktr) or a training run directory",
-                  file=sys.stderr)
-            return 1
-    run_config_path = checkpoint / "config.json"
-    run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
-    if args.model_config:
-        model_config = json.loads(pathlib.Path(args.model_config).read_text())
-    elif file_config is not None:
-        model_config = file_config
-    elif "model" in run_config:
-        model_config = run_config["model"]
-    else:
-        print(f"error: no --model_config and no model in {run_config_path}", file=sys.stderr)
+    try:
+        network, params, settings, run_labels, run_threshold = _model(args, pathlib.Path(args.checkpoint))
+        num_foreground = args.num_foreground or network.num_classes
+        if network.num_classes != num_foreground:
+            raise ToolError(f"the model has {network.num_classes} classes, --num_foreground is {num_foreground}")
+        predictor = CamPredictor(
+            network, num_foreground, args.ground_truth or run_labels or "categories",
+            scales=args.scales or settings.get("scales", DEFAULT_SCALES),
+            refine=settings.get("refine", True) if args.refine is None else args.refine,
+            threshold=next(t for t in (args.threshold, run_threshold, PSEUDO_LABEL_THRESHOLD) if t is not None))
+        source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
+    except (ToolError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    model_config["encoder"]["posemb_grid"] = tuple(model_config["encoder"]["posemb_grid"])
-    model = WeakTr(**model_config)
-    args.num_foreground = args.num_foreground or model.num_classes
-    ground_truth = args.ground_truth or run_config.get("dataset", {}).get("ground_truth", "categories")
-    refine_cams = run_config.get("refine_cams", True) if args.refine is None else args.refine
-    threshold = args.threshold
-    if threshold is None:
-        run_eval_path = checkpoint / "eval.json"
-        run_eval = json.loads(run_eval_path.read_text()) if run_eval_path.is_file() else {}
-        threshold = run_eval.get("best_threshold", PSEUDO_LABEL_THRESHOLD)
-    if model.num_classes != args.num_foreground:
-        print(f"error: the model has {model.num_classes} classes, --num_foreground is {args.num_foreground}",
-              file=sys.stderr)
-        return 1
-    grid, patch = model_config["encoder"]["posemb_grid"], model_config["encoder"]["patch_size"]
-    example_input = jnp.zeros((1, grid[0] * patch, grid[1] * patch, 3))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), example_input))["params"]
-    if file_params is None:
-        params = restore_params(checkpoint, abstract)
-    else:
-        check_tree_names(nn.unbox(abstract), file_params, f"params {checkpoint}")
-        params = file_params
-    source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
+    count = min(len(source), args.limit or len(source))
+    evaluated = "semantic" in source[0]
+    evaluator = Evaluator(predictor, lambda: {"cam_sweep": CamSweepMetric(num_foreground, args.sweep)} if evaluated
+                          else {}, batch_size=args.batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: bad input leaves no empty dir
 
-    @jax.jit
-    def cam_outputs(params, views):  # params an argument, not constants baked into the compiled program
-        out = model.apply({"params": params}, views)
-        return out["fused_cam"], out["patch_attention"] if refine_cams else None
+    def write(index: int, example: dict, prediction: dict) -> None:
+        label_png(np.asarray(prediction["semantic"])).save(out_dir / f"{image_name(example, index)}.png")
 
-    def cam_fn(views):
-        return cam_outputs(params, views)
-
-    count = min(len(source), args.limit or len(source))
-    sweep = ThresholdSweep(args.num_foreground, args.sweep)
-    evaluated = 0
     start = time.perf_counter()
-    for i in range(count):
-        example = source[i]
-        present = np.asarray(example["labels"][:args.num_foreground], np.float32)
-        normalized = image_cams(cam_fn, example["image"], present, patch, args.scales)
-        label_map = np.asarray(pseudo_label(normalized, present, threshold))
-        label_png(label_map).save(out_dir / f"{image_name(example, i)}.png")
-        if "semantic" in example:
-            sweep.add(normalized, present, wsss_semantic(example, args.num_foreground, ground_truth))
-            evaluated += 1
-    report = {"examples": count, "seconds": time.perf_counter() - start, "threshold": threshold,
-              "refined": refine_cams}
-    if evaluated:
-        report.update(sweep.result())
-        report["per_class_iou"] = [None if np.isnan(v) else float(v) for v in report["per_class_iou"]]
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "per_class_iou"}))
+    results = evaluator.run(params, FirstExamples(source, count), on_prediction=write)
+    report = dict(results, seconds=time.perf_counter() - start, threshold=predictor.threshold,
+                  refined=predictor.refine, scales=list(predictor.scales))
+    if jax.process_index() == 0:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps({k: v for k, v in report.items() if k != "per_class_iou"}))
     return 0
 
 

@@ -7,9 +7,11 @@ its overlay and the segment list, for WeakTr stage 1 one CAM overlay per present
     python tools/predict.py --workdir RUN --dataset_split validation --out_dir OUT [--limit N]
 
 --images takes .png / .jpg / .jpeg files and directories of them (read as RGB; grayscale and RGBA are
-converted); outputs are named after the file names. --dataset_split predicts the first examples of a
-split of the run's dataset (with their image-level labels, which steer WeakTr's CAMs); outputs are named
-after the examples' ids. A non-empty OUT is refused unless --overwrite.
+converted), of any size (the predictor's canvas grows to hold them); outputs are named after the file
+names, and predictors steered by image-level labels (WeakTr's CAMs) use the classes the model predicts.
+--dataset_split predicts the first examples of a split of the run's dataset (with their image-level
+labels); outputs are named after the examples' ids. --eval picks whose predictor (default: the first
+evaluation of the run's config). A non-empty OUT is refused unless --overwrite.
 """
 import argparse
 import json
@@ -20,8 +22,10 @@ import time
 import numpy as np
 from PIL import Image
 
-from jaxseg.train.run import dataset_sources, load_run
-from jaxseg.visualize import source_items, write_predictions
+from jaxseg.data.datasets import FirstExamples
+from jaxseg.inference.canvas import fitted_settings
+from jaxseg.runs import load_run
+from jaxseg.visualize import PredictionWriter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DATASET_LIMIT = 8  # examples of a --dataset_split without --limit
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
     inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE", help="image files or directories")
     inputs.add_argument("--dataset_split", metavar="SPLIT", help="a split of the run's dataset instead")
     parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--eval", help="whose predictor to use, a name in config.evals (default: the first)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     parser.add_argument("--limit", type=int, help=f"only the first N images (default: all of --images, "
                                                   f"{DATASET_LIMIT} of a --dataset_split)")
@@ -78,21 +83,29 @@ def main(argv=None) -> int:
             raise NotADirectoryError(f"--out_dir {out_dir} exists and is not a directory")
         if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
             raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to write into it")
+        # Every image is read (and so checked) before anything is written.
         paths = image_paths(args.images)[:args.limit] if args.images else None
+        images = [{"image": read_image(p), "image_id": p.stem} for p in paths] if paths else None
         start = time.perf_counter()
-        config, task, params = load_run(args.workdir)
-        if paths is not None:
-            count, items = len(paths), ((p.stem, read_image(p), None) for p in paths)
+        run = load_run(args.workdir)
+        eval_config = run.eval_config(args.eval)
+        if images is not None:
+            source = images
+            settings = fitted_settings(eval_config.predictor, [e["image"].shape[:2] for e in images])
+            settings.pop("kind")
+            if "labels" in settings:  # predictors steered by image-level labels: a photo has none
+                settings["labels"] = "predicted"
         else:
-            config.dataset.eval_split = args.dataset_split
-            source = dataset_sources(config, pathlib.Path(args.workdir))[args.dataset_split]
-            count = min(len(source), args.limit or DATASET_LIMIT)
-            items = source_items(source, count)
-        written = write_predictions(task, params, items, out_dir, overwrite=args.overwrite)
+            source = FirstExamples(run.source(args.dataset_split), args.limit or DATASET_LIMIT)
+            settings = {}
+        # Predictions only: the images may have no ground truth.
+        evaluator = run.evaluator(args.eval, metrics={}, **settings)
+        writer = PredictionWriter(out_dir, overwrite=args.overwrite)
+        evaluator.run(run.params, source, on_prediction=writer)
     except (FileNotFoundError, FileExistsError, NotADirectoryError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"images": count, "files": len(written), "out_dir": str(out_dir),
+    print(json.dumps({"images": len(source), "files": len(writer.written), "out_dir": str(out_dir),
                       "seconds": round(time.perf_counter() - start, 2)}))
     return 0
 

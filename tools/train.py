@@ -4,8 +4,8 @@
 
 The workdir holds the checkpoints (a rerun resumes from the latest), train_metrics.jsonl, TensorBoard
 events, eval.json and, for the generated-scenes configs, the dataset build (unless
-config.dataset.data_dir names another place).
-Override config values with --set key=value (e.g. --set total_steps=50).
+config.data.data_dir names another place).
+Override config values with --set key=value (e.g. --set train.total_steps=50).
 Multi-host: run the same command on every host; the coordinator comes from the cluster (TPU pod,
 SLURM, Open MPI) or from JAXSEG_COORDINATOR / JAXSEG_NUM_PROCESSES / JAXSEG_PROCESS_ID.
 """
@@ -15,7 +15,8 @@ import logging
 import sys
 
 from jaxseg import parallel
-from jaxseg.train.run import apply_overrides, load_config, train_and_evaluate
+from jaxseg.config import apply_overrides, load_config
+from jaxseg.train.main import train_and_evaluate
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, NotADirectoryError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in result.items() if k != "per_class_iou"}))
+    print(json.dumps({name: {k: v for k, v in values.items() if k != "per_class_iou"} if isinstance(values, dict)
+                      else values for name, values in result.items()}))
     return 0
 
 

@@ -7,16 +7,17 @@ LLRD 0.8, two-stage warm-up (500, 1000) + poly, clipping 0.01. Evaluation: mIoU,
     python tools/convert_weights.py --input vit_large_patch14_reg4_dinov2.pth \
         --output dinov2_l16_grid64.msgpack --patch-size 16 --posemb-grid 64
     python tools/train.py --config configs/eomt/cityscapes_semantic.py:L --workdir RUN \
-        --set dataset.data_dir=DATA --set init_checkpoint=dinov2_l16_grid64.msgpack
+        --set data.data_dir=DATA --set train.init_checkpoint=dinov2_l16_grid64.msgpack
 
 Argument: "S" | "B" | "L" (default) | "g", optionally ",runlocal".
 """
 import ml_collections
 
-from jaxseg.train.config_lib import eomt_config, manual_dataset
+from configs.common import eomt_recipe, manual_data
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    return eomt_config(arg, dataset=manual_dataset("jaxseg_cityscapes", "train", "validation"),
+    return eomt_recipe(arg, data=manual_data("jaxseg_cityscapes", "train"), eval_split="validation",
                        segmentation="semantic", num_classes=19, num_things=0, crop=1024, queries=100,
-                       epochs=107, train_images=2975, scale_range=(0.5, 2.0), color_jitter=True)
+                       epochs=107, train_images=2975, scale_range=(0.5, 2.0), color_jitter=True,
+                       canvas=(2048, 2048), max_windows=2)

@@ -7,34 +7,38 @@ Argument "runlocal": a tiny model on 64 px scenes for a few minutes on a CPU; ot
 """
 import ml_collections
 
-from jaxseg.train.config_lib import SCENES_CLASSES, SCENES_THINGS, add_training_defaults, scenes_dataset
+from configs.common import (
+    SCENES_CLASSES,
+    SCENES_THINGS,
+    evaluation,
+    make_config,
+    method_section,
+    metrics_section,
+    optimizer_section,
+    parallel_section,
+    parse_arg,
+    predictor_section,
+    scenes_data,
+    train_section,
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    runlocal = arg == "runlocal"
-    if arg not in ("", "runlocal"):
-        raise ValueError(f"unknown config argument {arg!r}; valid: '' or 'runlocal'")
-    config = ml_collections.ConfigDict()
-    config.task = "eomt"
-    config.dataset = scenes_dataset(runlocal)
+    _, runlocal = parse_arg(arg)
     width, depth = (64, 4) if runlocal else (192, 8)
-    config.model = ml_collections.ConfigDict(dict(
-        encoder=dict(width=width, depth=depth, num_heads=4 if runlocal else 6, mlp_dim=4 * width,
-                     patch_size=8, posemb_grid=(8, 8) if runlocal else (16, 16), num_registers=4,
-                     posemb_covers_prefix=False),
-        num_classes=SCENES_CLASSES, num_queries=16 if runlocal else 32, num_query_blocks=2))
-    config.segmentation = "panoptic"
-    config.num_things = SCENES_THINGS
-    config.max_segments = 32
-    config.total_steps = 300 if runlocal else 20_000
-    config.batch_size = 8 if runlocal else 16
-    config.crop_size = 64 if runlocal else 128
-    config.scale_range = (0.8, 1.25) if runlocal else (0.5, 2.0)
-    config.color_jitter = not runlocal
-    config.num_points = 1024 if runlocal else 4096
-    config.lr = 1e-3 if runlocal else 5e-4
-    config.warmup = (20, 20) if runlocal else (500, 1000)
-    config.layer_decay = 1.0
-    config.clip_norm = 1.0
-    add_training_defaults(config, runlocal=runlocal)
-    return config
+    crop = 64 if runlocal else 128
+    return make_config(
+        method=method_section("eomt", segmentation="panoptic", num_things=SCENES_THINGS, crop_size=crop,
+                              scale_range=(0.8, 1.25) if runlocal else (0.5, 2.0), color_jitter=not runlocal,
+                              max_segments=32, set_loss=dict(num_points=1024 if runlocal else 4096)),
+        model=dict(encoder=dict(width=width, depth=depth, num_heads=4 if runlocal else 6, mlp_dim=4 * width,
+                                patch_size=8, posemb_grid=(8, 8) if runlocal else (16, 16), num_registers=4,
+                                posemb_covers_prefix=False),
+                   num_classes=SCENES_CLASSES, num_queries=16 if runlocal else 32, num_query_blocks=2),
+        optimizer=optimizer_section("eomt", lr=1e-3 if runlocal else 5e-4, warmup=(20, 20) if runlocal else (500, 1000),
+                                    layer_decay=1.0, clip_norm=1.0),
+        data=scenes_data(runlocal),
+        evals=dict(val=evaluation("validation", predictor_section("eomt", "panoptic", canvas=(crop, crop)),
+                                  metrics_section("eomt", "panoptic", "semantic"))),
+        train=train_section(runlocal, total_steps=300 if runlocal else 20_000, batch_size=8 if runlocal else 16),
+        parallel=parallel_section())

@@ -6,11 +6,11 @@ classes), on the default scenes (shape and texture tell the classes apart, colou
 Arguments: "runlocal" (tiny model, 64 px, minutes on a CPU) or ""; append ",linear" for the linear
 decoder of the plain Segmenter baseline (e.g. "runlocal,linear"). The fully supervised upper bound of
 the WeakTr scenes pipeline (`configs/weaktr/scenes_*.py`) trains on its colour-coded scenes: add
-`--set dataset.hue_spread=0.03 --set 'dataset.saturation_range=(0.5,0.9)'`.
+`--set data.hue_spread=0.03 --set 'data.saturation_range=(0.5,0.9)'`.
 """
 import ml_collections
 
-from jaxseg.train.config_lib import scenes_segmenter
+from configs.common import scenes_segmenter
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ original uses a 1,250-image train subset).
     python tools/convert_weights.py --input deit_small_patch16_224-cd65a155.pth \
         --output deit_s_cls80.msgpack --num-cls-tokens 80 --no-final-norm
     python tools/train.py --config configs/weaktr/coco_cam.py --workdir RUN \
-        --set dataset.data_dir=DATA --set init_checkpoint=deit_s_cls80.msgpack
+        --set data.data_dir=DATA --set train.init_checkpoint=deit_s_cls80.msgpack
     python tools/make_pseudo_labels.py --checkpoint RUN --data_dir DATA --dataset jaxseg_coco_panoptic \
         --split train --out_dir PSEUDO --scales 1.0 0.8 1.2 --threshold 0.42
 
@@ -21,9 +21,9 @@ Argument: "" or "runlocal".
 """
 import ml_collections
 
-from jaxseg.train.config_lib import manual_dataset, weaktr_cam_config
+from configs.common import manual_data, weaktr_cam_recipe
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    return weaktr_cam_config(arg, dataset=manual_dataset("jaxseg_coco_panoptic", "train", "validation"),
+    return weaktr_cam_recipe(arg, data=manual_data("jaxseg_coco_panoptic", "train"), eval_split="validation",
                              num_classes=80, base_lr=2e-4, train_images=118_287)

@@ -7,7 +7,7 @@ Argument "runlocal": a tiny DeiT-style encoder on 64 px scenes (a minute on a CP
 width on 128 px scenes. Trained from scratch with WeakTr's loss, optimiser and schedule (AdamW wd 0.03,
 per-epoch cosine; lr raised for training from scratch), with three departures that training from
 scratch on small scenes needs, each measured on 2 CPU cores after 1200 steps of runlocal:
-  - the colour-coded scenes (`config_lib.COLOUR_CODED`): on the default scenes, where only shape and
+  - the colour-coded scenes (`configs.common.COLOUR_CODED`): on the default scenes, where only shape and
     texture tell the classes apart, the class losses stay at the label prior (0.68 vs 0.69 after 3125
     steps of batch 32 over 20,000 scenes);
   - flip-only augmentation: timm's random resized crops keep objects out of the crop that the labels
@@ -21,35 +21,39 @@ gives the MCTformer baseline.
 """
 import ml_collections
 
-from jaxseg.train.config_lib import SCENES_THINGS, add_training_defaults, scenes_dataset
+from configs.common import (
+    SCENES_THINGS,
+    evaluation,
+    make_config,
+    method_section,
+    metrics_section,
+    optimizer_section,
+    parallel_section,
+    parse_arg,
+    predictor_section,
+    scenes_data,
+    train_section,
+)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    if arg not in ("", "runlocal"):
-        raise ValueError(f"unknown config argument {arg!r}; valid: '' or 'runlocal'")
-    runlocal = arg == "runlocal"
-    config = ml_collections.ConfigDict()
-    config.task = "weaktr_cam"
-    config.dataset = scenes_dataset(runlocal, colour_coded=True)
+    _, runlocal = parse_arg(arg)
     width, depth, heads = (64, 4, 4) if runlocal else (192, 12, 3)
-    grid = (8, 8) if runlocal else (16, 16)
-    config.model = ml_collections.ConfigDict(dict(
-        encoder=dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=8,
-                     posemb_grid=grid, num_cls_tokens=SCENES_THINGS, final_norm=False,
-                     posemb_resize="dino", drop_path_rate=0.0 if runlocal else 0.1),
-        num_classes=SCENES_THINGS, fusion="aaf", pool="max", feat_reduction=8,
-        reduction=4 if runlocal else 8))
-    config.crop_size = 64 if runlocal else 128
-    config.batch_size = 8 if runlocal else 32
-    config.steps_per_epoch = config.dataset.num_train // config.batch_size
-    config.total_steps = config.steps_per_epoch * (24 if runlocal else 60)
-    config.lr = 3e-3 if runlocal else 5e-4
-    config.weight_decay = 0.03
-    config.warmup_epochs = 1 if runlocal else 5
-    config.warmup_lr = 1e-6
-    config.min_lr = 1e-5
-    config.eval_scales = (1.0, 1.2)
-    config.augmentation = "flip"
-    config.refine_cams = False
-    add_training_defaults(config, runlocal=runlocal)
-    return config
+    data = scenes_data(runlocal, colour_coded=True)
+    batch_size = 8 if runlocal else 32
+    steps_per_epoch = data["num_train"] // batch_size
+    cams = predictor_section("weaktr", "cams", scales=(1.0, 1.2), refine=False)
+    return make_config(
+        method=method_section("weaktr", steps_per_epoch=steps_per_epoch, crop_size=64 if runlocal else 128,
+                              augmentation="flip"),
+        model=dict(encoder=dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=8,
+                                posemb_grid=(8, 8) if runlocal else (16, 16), num_cls_tokens=SCENES_THINGS,
+                                final_norm=False, posemb_resize="dino", drop_path_rate=0.0 if runlocal else 0.1),
+                   num_classes=SCENES_THINGS, fusion="aaf", pool="max", feat_reduction=8,
+                   reduction=4 if runlocal else 8),
+        optimizer=optimizer_section("weaktr", lr=3e-3 if runlocal else 5e-4, weight_decay=0.03,
+                                    warmup_epochs=1 if runlocal else 5),
+        data=data,
+        evals=dict(val=evaluation("validation", cams, metrics_section("weaktr", "cam_sweep"))),
+        train=train_section(runlocal, total_steps=steps_per_epoch * (24 if runlocal else 60), batch_size=batch_size),
+        parallel=parallel_section())

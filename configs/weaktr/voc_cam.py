@@ -8,7 +8,7 @@ check of each epoch runs on VOC train (1,464 images with masks), as the original
     python tools/convert_weights.py --input deit_small_patch16_224-cd65a155.pth \
         --output deit_s_cls20.msgpack --num-cls-tokens 20 --no-final-norm
     python tools/train.py --config configs/weaktr/voc_cam.py --workdir RUN \
-        --set dataset.data_dir=DATA --set init_checkpoint=deit_s_cls20.msgpack
+        --set data.data_dir=DATA --set train.init_checkpoint=deit_s_cls20.msgpack
     python tools/make_pseudo_labels.py --checkpoint RUN --data_dir DATA --dataset jaxseg_voc \
         --split train_aug --out_dir PSEUDO --scales 1.0 1.2 --threshold 0.43
 
@@ -23,9 +23,9 @@ Argument: "" or "runlocal" (tiny encoder, a few steps on a CPU over a small prep
 """
 import ml_collections
 
-from jaxseg.train.config_lib import manual_dataset, weaktr_cam_config
+from configs.common import manual_data, weaktr_cam_recipe
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    return weaktr_cam_config(arg, dataset=manual_dataset("jaxseg_voc", "train_aug", "train", ground_truth="wsss"),
+    return weaktr_cam_recipe(arg, data=manual_data("jaxseg_voc", "train_aug", ground_truth="wsss"), eval_split="train",
                              num_classes=20, base_lr=6e-4, train_images=10_582)

@@ -4,16 +4,17 @@ epochs (264.6k steps), SGD-Nesterov lr 1e-4 poly to 1e-5, encoder 0.1x; evaluate
 
     python tools/convert_weights.py --input deit_small_patch16_224-cd65a155.pth \
         --output deit_s_grid30.msgpack --posemb-grid 30
-    python tools/train.py --config configs/weaktr/voc_seg.py --workdir RUN --set dataset.data_dir=DATA \
-        --set pseudo_labels_dir=PSEUDO --set init_checkpoint=deit_s_grid30.msgpack
+    python tools/train.py --config configs/weaktr/voc_seg.py --workdir RUN --set data.data_dir=DATA \
+        --set data.pseudo_labels_dir=PSEUDO --set train.init_checkpoint=deit_s_grid30.msgpack
 
 Argument: "" or "runlocal".
 """
 import ml_collections
 
-from jaxseg.train.config_lib import manual_dataset, weaktr_seg_config
+from configs.common import manual_data, weaktr_seg_recipe
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    return weaktr_seg_config(arg, dataset=manual_dataset("jaxseg_voc", "train_aug", "validation", ground_truth="wsss"),
-                             num_foreground=20, epochs=100, batch_size=4, lr=1e-4, train_images=10_582)
+    return weaktr_seg_recipe(arg, data=manual_data("jaxseg_voc", "train_aug", ground_truth="wsss"),
+                             eval_split="validation", num_foreground=20, epochs=100, batch_size=4, lr=1e-4,
+                             train_images=10_582, canvas=(500, 500))

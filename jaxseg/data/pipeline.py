@@ -1,25 +1,18 @@
-"""grain input pipelines and global batches.
+"""The grain training pipeline (evaluation batches: `jaxseg.evaluate`).
 
-Training: source -> seed/shuffle -> repeat -> random_map (augmentation drawing every random number
+Source -> seed/shuffle -> repeat -> random_map (augmentation drawing every random number
 from the per-element generator grain derives from the seed and the element's global index; lazy, so
 each host only computes its own elements) -> slice by host -> batch -> iterator (optionally
 multiprocess prefetch). The batches depend on the seed only, not on the number of workers, and the
 iterator state (a few integers) restores the exact position.
-
-Evaluation: one pass in order; each host takes every process_count-th example, and its last batch is
-padded with copies of an example marked `_valid = False`, so that every host runs the same number of
-batches and no example is dropped.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import grain
 import jax
 import numpy as np
-
-VALID_KEY = "_valid"
 
 
 def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -50,22 +43,3 @@ def train_dataset(source: Sequence[dict], transform: Callable[[dict, np.random.G
     if worker_count:
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iterable
-
-
-def eval_dataset(source: Sequence[dict], transform: Callable[[dict], dict], *, batch_size: int,
-                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
-    """One ordered pass over this host's share, in batches with a boolean `_valid` entry (False on the
-    padding of the last batch); every host yields ceil(ceil(n / hosts) / batch_size) batches."""
-    if len(source) == 0:
-        raise ValueError("the evaluation source is empty")
-    index, count = _hosts(process_index, process_count)
-    local = list(range(index, len(source), count))
-    num_batches = math.ceil(math.ceil(len(source) / count) / batch_size)
-
-    def load(position: int) -> dict:
-        valid = position < len(local)
-        example = transform(source[local[position] if valid else local[0] if local else 0])
-        return dict(example, **{VALID_KEY: np.bool_(valid)})
-
-    return grain.MapDataset.range(num_batches * batch_size).map(load).batch(batch_size).to_iter_dataset()
-

@@ -26,7 +26,7 @@ def semantic_scores(class_logits: Array, mask_logits: Array) -> Array:
 
 def panoptic_segments(class_logits: Array, mask_logits: Array, is_thing: Sequence[bool] | Array, *,
                       score_threshold: float = 0.8, mask_threshold: float = 0.5,
-                      overlap_threshold: float = 0.8) -> tuple[Array, Array]:
+                      overlap_threshold: float = 0.8, valid: Array | None = None) -> tuple[Array, Array]:
     """Panoptic segmentation of one image (Mask2Former / EoMT post-processing).
 
     Queries whose best class (over all K+1) is a real class with probability > score_threshold
@@ -37,6 +37,8 @@ def panoptic_segments(class_logits: Array, mask_logits: Array, is_thing: Sequenc
 
     Args:
       class_logits (Q, K+1), mask_logits (Q, H, W), is_thing (K,) booleans.
+      valid: optional (H, W) bool, the image's pixels on a padded canvas (the padding owns nothing; give
+        it mask logits of -inf).
 
     Returns:
       segment_ids (H, W) int32, 0 = void, q + 1 for the segment named by query q; and categories
@@ -53,6 +55,8 @@ def panoptic_segments(class_logits: Array, mask_logits: Array, is_thing: Sequenc
     weighted = jnp.where(keep[:, None, None], scores[:, None, None] * mask_probs, -jnp.inf)
     owner = weighted.argmax(0)
     owned = owner[None] == jnp.arange(num_queries)[:, None, None]
+    if valid is not None:
+        owned &= valid[None]
     in_mask = mask_probs >= mask_threshold
     own_area = owned.sum((1, 2))
     mask_area = in_mask.sum((1, 2))

@@ -204,6 +204,10 @@ class InstanceAccumulator:
         for index in range(stats["pred_scores"].shape[0]):
             self._images.append(self._record({key: value[index] for key, value in stats.items()}))
 
+    def merge(self, other: InstanceAccumulator) -> None:
+        """Adds the images of another accumulator (e.g. another host's)."""
+        self._images += other._images
+
     def _record(self, stats: dict) -> dict[int, dict[str, np.ndarray]]:
         pred_valid, gt_valid = stats["pred_valid"].astype(bool), stats["gt_valid"].astype(bool)
         for name, classes, used in (("pred_classes", stats["pred_classes"], pred_valid),

@@ -108,8 +108,27 @@ def resize(x: jax.Array, size: Sequence[int], *, method: str = "bilinear",
         factor = None if scale_factors is None else float(scale_factors[i])
         if in_size == out_size and factor in (None, 1.0):
             continue  # every method here is the identity at scale 1
-        mat = jnp.asarray(interpolation_matrix(in_size, int(out_size), method, antialias, factor), x.dtype)
-        moved = jnp.moveaxis(x, axis, -1)
-        moved = jnp.einsum("...i,oi->...o", moved, mat, precision=jax.lax.Precision.HIGHEST)
-        x = jnp.moveaxis(moved, -1, axis)
+        x = apply_matrix(x, interpolation_matrix(in_size, int(out_size), method, antialias, factor), axis)
     return x
+
+
+def apply_matrix(x: jax.Array, matrix, axis: int) -> jax.Array:
+    """`matrix` (out, in) applied along `axis` of `x` (length in): the contraction every resize here is."""
+    matrix = jnp.asarray(matrix, x.dtype)
+    moved = jnp.einsum("...i,oi->...o", jnp.moveaxis(x, axis, -1), matrix, precision=jax.lax.Precision.HIGHEST)
+    return jnp.moveaxis(moved, -1, axis)
+
+
+def padded_matrix(in_size: int, out_size: int, in_canvas: int, out_canvas: int, *,
+                  method: str = "bilinear", antialias: bool = False, flip: bool = False) -> np.ndarray:
+    """(out_canvas, in_canvas) float32: `interpolation_matrix(in_size, out_size)` in the top-left corner,
+    zeros elsewhere. Applied to a canvas whose first `in_size` entries hold the data, it gives the resized
+    data in the first `out_size` entries and zeros after: variable sizes inside one static shape, so
+    images of different sizes share a batch and a compiled program. `flip` reverses the output order
+    within the `out_size` entries (a horizontal flip of the resized data, taken inside the matrix)."""
+    if in_size > in_canvas or out_size > out_canvas:
+        raise ValueError(f"a resize {in_size} -> {out_size} does not fit the canvas {in_canvas} -> {out_canvas}")
+    matrix = np.zeros((out_canvas, in_canvas), np.float32)
+    block = interpolation_matrix(in_size, out_size, method, antialias)
+    matrix[:out_size, :in_size] = block[::-1] if flip else block
+    return matrix

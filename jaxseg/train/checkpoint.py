@@ -15,6 +15,7 @@ from typing import Any
 import flax
 import flax.linen
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from jaxseg.convert.state_dict import WeightConversionError, shape_diff
@@ -85,30 +86,41 @@ def check_tree_names(expected: Any, actual: Any, what: str) -> None:
         raise WeightConversionError(f"{what} does not match the model:\n" + "\n".join(diff))
 
 
-def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
-    """Parameters (state["params"]) of the latest step of a run directory or checkpoints directory
-    written by `Checkpointer`, checked name by name against `abstract_params`; other state (optimizer,
-    data iterator) is not read."""
+def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any = None,
+                   step: int | None = None, with_step: bool = False) -> Any:
+    """Parameters (state["params"]) of step `step` (default: the latest) of a run directory or checkpoints
+    directory written by `Checkpointer`, checked name by name against `abstract_params` and read straight
+    into `shardings` (a tree of shardings like the params; default: one device), so that no host ever
+    holds a whole model it shards; other state (optimizer, data iterator) is not read. `with_step`:
+    (params, the step read)."""
     path = pathlib.Path(path).absolute()
     abstract_params = flax.linen.unbox(abstract_params)  # logical-axis boxes are metadata, not stored
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     manager = ocp.CheckpointManager(checkpoints, item_names=("state",),
                                     item_handlers={"state": ocp.PyTreeCheckpointHandler()})
     try:
-        step = manager.latest_step()
-        if step is None:
+        steps = manager.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no checkpoint under {path}")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} under {path}; steps: {sorted(steps)}")
         stored = manager.item_metadata(step)["state"]
         if "params" not in stored:
             raise ValueError(f"checkpoint {checkpoints}/{step} has no 'params' in its state")
         check_tree_names(abstract_params, stored["params"], f"checkpoint {checkpoints}/{step}")
+        if shardings is not None:
+            abstract_params = jax.tree_util.tree_map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
+                flax.linen.unbox(shardings))
         target = {"params": abstract_params}
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)))
     finally:
         manager.close()
-    return restored["state"]["params"]
+    params = restored["state"]["params"]
+    return (params, step) if with_step else params
 
 
 def load_init_params(path: str | os.PathLike, abstract_params: Any) -> Any:

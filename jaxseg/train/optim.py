@@ -1,5 +1,6 @@
-"""optax recipes: AdamW with per-parameter learning-rate multipliers (layer-wise decay, regex groups)
-and per-group schedules, as the EoMT and WeakTr recipes need.
+"""Pieces of the methods' optax recipes: AdamW with per-parameter learning-rate multipliers (layer-wise
+decay, regex groups) and per-group schedules. The recipes themselves live with their methods
+(`jaxseg.methods.<name>`).
 
 The update of a parameter p in group g is torch AdamW's: p <- p - lr_g(t) * m_p * (adam(p) + wd * p),
 with lr_g the group's schedule and m_p its multiplier. Frozen phases are schedules at 0: the Adam moments
@@ -94,61 +95,3 @@ def adamw_groups(labels, multipliers, schedules: Mapping[str, Schedule], *, weig
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
         optax.add_decayed_weights(weight_decay),
         scale_by_group_schedule(labels, multipliers, schedules))
-
-
-def eomt_optimizer(params, *, total_steps: int, depth: int, lr: float = 1e-4, weight_decay: float = 0.05,
-                   layer_decay_rate: float = 0.8, warmup: tuple[int, int] = (500, 1000),
-                   clip_norm: float = 0.01, power: float = 0.9) -> optax.GradientTransformation:
-    """EoMT's recipe: AdamW (lr 1e-4, wd 0.05 on all parameters), LLRD 0.8 over the encoder, heads warm
-    up over warmup[0] steps, the encoder stays frozen (lr 0, moments accumulating) for warmup[0] steps and
-    warms up over warmup[1], then poly decay; gradients clipped to global norm 0.01."""
-    labels = regex_labels(params, [(r"^encoder/", "backbone")], "head")
-    schedules = {"head": warmup_poly(lr, total_steps, warmup[0], power=power),
-                 "backbone": warmup_poly(lr, total_steps, warmup[1], frozen_steps=warmup[0], power=power)}
-    return adamw_groups(labels, layer_decay(params, depth, layer_decay_rate), schedules,
-                        weight_decay=weight_decay, clip_norm=clip_norm)
-
-
-def timm_cosine_per_epoch(base_lr: float, steps_per_epoch: int, epochs: int, *, warmup_epochs: int = 5,
-                          warmup_lr: float = 1e-6, min_lr: float = 1e-5) -> Schedule:
-    """WeakTr stage 1's schedule: timm's CosineLRScheduler (t in epochs, warm-up not prefixed) stepped
-    once per epoch after it ends, so epoch e trains at lr(max(e - 1, 0)) and epoch 0 at the warm-up start."""
-    def schedule(step):
-        epoch = jnp.maximum(jnp.asarray(step, jnp.int32) // steps_per_epoch - 1, 0).astype(jnp.float32)
-        warm = warmup_lr + epoch * (base_lr - warmup_lr) / max(warmup_epochs, 1)
-        cosine = min_lr + 0.5 * (base_lr - min_lr) * (1 + jnp.cos(jnp.pi * epoch / epochs))
-        return jnp.where(epoch < warmup_epochs, warm, cosine)
-    return schedule
-
-
-def weaktr_cam_optimizer(params, *, steps_per_epoch: int, epochs: int, lr: float, weight_decay: float = 0.03,
-                         warmup_epochs: int = 5, warmup_lr: float = 1e-6, min_lr: float = 1e-5
-                         ) -> optax.GradientTransformation:
-    """WeakTr stage 1: AdamW (eps 1e-8, wd 0.03 on every parameter) on the per-epoch timm cosine."""
-    labels = jax.tree_util.tree_map(lambda _: "all", params)
-    schedule = timm_cosine_per_epoch(lr, steps_per_epoch, epochs, warmup_epochs=warmup_epochs,
-                                     warmup_lr=warmup_lr, min_lr=min_lr)
-    return adamw_groups(labels, jax.tree_util.tree_map(lambda _: 1.0, params), {"all": schedule},
-                        weight_decay=weight_decay)
-
-
-def segmenter_optimizer(params, *, total_steps: int, lr: float = 1e-4, min_lr: float = 1e-5,
-                        encoder_multiplier: float = 0.1, momentum: float = 0.9, power: float = 0.9,
-                        weight_decay: float = 0.0, optimizer: str = "sgd",
-                        warmup_steps: int = 0) -> optax.GradientTransformation:
-    """WeakTr stage 2 (Segmenter's recipe): SGD with Nesterov momentum 0.9, per-iteration poly decay
-    (lr - min_lr) (1 - t / T)^0.9 + min_lr, encoder parameters at 0.1x that rate. `optimizer="adamw"`
-    (with a linear warm-up over `warmup_steps`) trains small models from scratch, where SGD stays at
-    the background prior."""
-    multipliers = jax.tree_util.tree_map(lambda name: encoder_multiplier if name.startswith("encoder/")
-                                         else 1.0, path_names(params))
-    labels = jax.tree_util.tree_map(lambda _: "all", params)
-    decay = optax.polynomial_schedule(lr, min_lr, power, total_steps - warmup_steps)
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
-    if optimizer == "adamw":
-        return adamw_groups(labels, multipliers, {"all": schedule}, weight_decay=weight_decay)
-    if optimizer != "sgd":
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-    return optax.chain(optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
-                       optax.trace(decay=momentum, nesterov=True),
-                       scale_by_group_schedule(labels, multipliers, {"all": schedule}))

@@ -1,11 +1,13 @@
-"""The one training loop: a method plugs in as a `Task`; the loop owns sharding, optimisation,
-checkpoints, resumption, logging and the non-finite guard.
+"""The one training loop: a method plugs in through the `Method` protocol (`jaxseg.methods.base`); the
+loop owns the input pipeline, sharding, optimisation, checkpoints, resumption, evaluation, logging and the
+non-finite guard.
 
 State is created from `jax.eval_shape` with `out_shardings` (the full model never exists unsharded), the
 step is jitted with the state donated, and each checkpoint holds the state, the data iterator position
 and the config, so a resumed run continues with exactly the batches and numbers it would have seen.
 A fresh run starts from the workdir's latest checkpoint, else from `init_checkpoint` (params only), else
-from the task's initialisation. Each host feeds its own batches; they are assembled into global arrays.
+from the method's initialisation. Each host feeds its own batches; they are assembled into global arrays.
+Evaluations (`jaxseg.evaluate.Evaluator`) run at their cadence and at the end.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import logging
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -26,29 +28,11 @@ import numpy as np
 import optax
 
 from jaxseg import parallel
+from jaxseg.data.pipeline import train_dataset
 from jaxseg.train.checkpoint import Checkpointer, load_init_params
 from jaxseg.train.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
-
-
-class Task(Protocol):
-    """What a method provides to the loop."""
-
-    def init_params(self, rng: jax.Array) -> Any:
-        """Parameters (may carry logical-axis boxes) from an rng; traced under `jax.eval_shape`."""
-
-    def optimizer(self, params: Any) -> optax.GradientTransformation:
-        """The optimiser for these (unboxed) parameters."""
-
-    def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array) -> tuple[jax.Array, dict]:
-        """(scalar loss, {name: scalar metric}) of one global batch; traced inside jit."""
-
-    def train_data(self, seed: int) -> Iterator[dict]:
-        """A checkpointable (grain) iterator of this host's training batches."""
-
-    # Optional: `evaluate(params, mesh, rules) -> {name: value}`, run every `eval_every` steps and at the end (inside
-    # the mesh context; every host calls it, so it must be multi-host correct).
 
 
 @flax.struct.dataclass
@@ -63,50 +47,80 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or Inf loss; the offending batch was saved next to the checkpoints."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """A config's `train` section. `init_checkpoint`: params to start a fresh run from (a run directory or
+    a converted params file), placed at the "/"-separated subtree `init_into` of the model's params (""
+    = the whole tree); `requires_init_checkpoint`: the recipe fine-tunes pretrained weights and refuses
+    to start without them; `num_overlays`: examples of the first evaluation's split drawn to
+    WORKDIR/overlays/step_<N>/ after training (0: none); `worker_count`: grain worker processes."""
     total_steps: int
+    batch_size: int = 8
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
     max_to_keep: int = 3
-    eval_every: int = 0  # 0: evaluate at the end only
-    # Params to start a fresh run from (a run directory or a converted params file), placed at the
-    # "/"-separated subtree `init_into` of the model's params ("" = the whole tree).
     init_checkpoint: str = ""
     init_into: str = ""
-    mesh: tuple = (("data", -1), ("fsdp", 1), ("tensor", 1))
-    rules: tuple = parallel.DEFAULT_RULES
+    requires_init_checkpoint: bool = False
+    num_overlays: int = 8
+    worker_count: int = 0
+
+    def __post_init__(self):
+        if self.total_steps < 0:  # 0: initialise and evaluate only
+            raise ValueError(f"train.total_steps must be >= 0, got {self.total_steps}")
+        for name in ("batch_size", "log_every", "checkpoint_every", "max_to_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """A named evaluation of the run: its evaluator over `source`, every `every` steps (0: at the end)."""
+    evaluator: Any
+    source: Sequence[dict]
+    every: int = 0
 
 
 class Trainer:
-    def __init__(self, task: Task, config: TrainConfig, workdir: str | pathlib.Path,
-                 config_to_save: dict | None = None, devices: Sequence[jax.Device] | None = None):
-        self.task, self.config = task, config
+    def __init__(self, method, config: TrainConfig, workdir: str | pathlib.Path, train_source: Sequence[dict],
+                 *, mesh: jax.sharding.Mesh | None = None, rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+                 evaluations: dict[str, Evaluation] | None = None, config_to_save: dict | None = None):
+        self.method, self.config, self.train_source = method, config, train_source
         self.workdir = pathlib.Path(workdir)
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=config.max_to_keep)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.writer = MetricWriter(self.workdir)
-        self.mesh = parallel.make_mesh(config.mesh, devices)
+        self.mesh = mesh if mesh is not None else parallel.MeshConfig().make_mesh()
+        self.rules = rules
+        self.evaluations = evaluations or {}
         self.config_to_save = config_to_save or {}
         self.history: list[dict] = []
         self.eval_results: dict = {}
 
-    def _abstract_state(self):
+    def train_data(self):
+        """This host's checkpointable iterator of training batches (the method's augmentation over the
+        training source, seeded by the run)."""
+        return iter(train_dataset(self.train_source, self.method.train_transform, seed=self.config.seed,
+                                  batch_size=self.config.batch_size, worker_count=self.config.worker_count))
+
+    def abstract_state(self):
+        """(init function of the state, its abstract value, its shardings)."""
         def init(rng):
             params_rng, state_rng = jax.random.split(rng)
-            params = self.task.init_params(params_rng)
-            opt_state = self.task.optimizer(nn.unbox(params)).init(nn.unbox(params))
+            params = self.method.init_params(params_rng)
+            opt_state = self.method.optimizer_for(nn.unbox(params)).init(nn.unbox(params))
             return TrainState(jnp.zeros([], jnp.int32), params, opt_state, state_rng)
         boxed = jax.eval_shape(init, jax.random.PRNGKey(self.config.seed))
-        shardings = parallel.tree_shardings(boxed, self.mesh, self.config.rules)
+        shardings = parallel.tree_shardings(boxed, self.mesh, self.rules)
         return init, nn.unbox(boxed), nn.unbox(shardings)
 
-    def _make_step(self, shardings) -> Callable:
+    def make_step(self, shardings) -> Callable:
+        """The jitted train step (state donated): (state, global batch) -> (state, metrics)."""
         def step_fn(state: TrainState, batch: dict):
             rng, step_rng = jax.random.split(state.rng)
-            tx = self.task.optimizer(state.params)
-            (loss, metrics), grads = jax.value_and_grad(self.task.loss, has_aux=True)(
+            tx = self.method.optimizer_for(state.params)
+            (loss, metrics), grads = jax.value_and_grad(self.method.loss, has_aux=True)(
                 state.params, batch, step_rng, state.step)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -115,27 +129,31 @@ class Trainer:
         return jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
                        donate_argnums=(0,))
 
+    def initial_state(self, init: Callable, shardings: Any) -> TrainState:
+        """The state of the method's initialisation at the run's seed, created in its shardings (call
+        inside the mesh and rules context, as `run` does)."""
+        return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(self.config.seed))
+
     def run(self) -> TrainState:
-        init, abstract, shardings = self._abstract_state()
-        data = self.task.train_data(self.config.seed)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.config.rules):
+        init, abstract, shardings = self.abstract_state()
+        data = self.train_data()
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             if self.checkpointer.latest_step() is not None:
                 target = jax.tree_util.tree_map(
                     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
                 state, _ = self.checkpointer.restore(target, data)
                 log.info("resumed from step %d", int(state.step))
             else:
-                state = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(
-                    jax.random.PRNGKey(self.config.seed))
+                state = self.initial_state(init, shardings)
                 if self.config.init_checkpoint:
                     state = state.replace(params=self._initial_params(state.params, shardings.params))
-            step_fn = self._make_step(shardings)
+            step_fn = self.make_step(shardings)
             start, started_at = int(state.step), time.perf_counter()
             last = self.config.total_steps
             try:
                 for step in range(start, last):
                     local_batch = next(data)
-                    state, metrics = step_fn(state, parallel.global_batch(local_batch, self.mesh, self.config.rules))
+                    state, metrics = step_fn(state, parallel.global_batch(local_batch, self.mesh, self.rules))
                     done = step + 1
                     if done % self.config.log_every == 0 or done == last:
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -143,10 +161,12 @@ class Trainer:
                         self._log(done, metrics, started_at, start, local_batch)
                     if done % self.config.checkpoint_every == 0 or done == last:
                         self.checkpointer.save(done, state, data, self.config_to_save)
-                    if done == last or (self.config.eval_every and done % self.config.eval_every == 0):
-                        self._evaluate(done, state.params)
+                    due = [name for name, e in self.evaluations.items()
+                           if done == last or (e.every and done % e.every == 0)]
+                    if due:
+                        self._evaluate(done, state.params, due)
                 if start >= last:  # nothing left to train: still report the final model
-                    self._evaluate(start, state.params)
+                    self._evaluate(start, state.params, list(self.evaluations))
             finally:
                 self.checkpointer.wait_until_finished()
                 self.writer.close()
@@ -175,20 +195,17 @@ class Trainer:
         node[path[-1]] = loaded
         return params
 
-    def _evaluate(self, step: int, params: Any) -> None:
-        if not hasattr(self.task, "evaluate"):
-            return
-        results = self.task.evaluate(params, self.mesh, self.config.rules)
-        if not results:
-            return
-        self.eval_results = dict(results, step=step)
-        self.writer.write(step, {k: v for k, v in results.items() if isinstance(v, (int, float))},
-                          prefix="eval")
+    def _evaluate(self, step: int, params: Any, names: list[str]) -> None:
+        results = {name: self.evaluations[name].evaluator.run(params, self.evaluations[name].source)
+                   for name in names}
+        self.eval_results = dict(self.eval_results, **results, step=step)
+        for name, values in results.items():
+            scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+            self.writer.write(step, scalars, prefix=f"eval_{name}")
+            print(f"eval {name} at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())),
+                  file=sys.stderr, flush=True)
         if jax.process_index() == 0:
             (self.workdir / "eval.json").write_text(json.dumps(self.eval_results, indent=1))
-        print(f"eval at step {step}: " + " ".join(
-            f"{k}={v:.4g}" for k, v in sorted(results.items()) if isinstance(v, (int, float))),
-            file=sys.stderr, flush=True)
 
     def _guard(self, metrics: dict, step: int, batch: dict) -> None:
         if not np.isfinite(metrics["loss"]):

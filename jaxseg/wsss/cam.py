@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg.metrics.semantic import confusion_matrix, miou_from_confusion
 from jaxseg.ops.image import normalize
 from jaxseg.ops.resize import resize
 
@@ -35,6 +34,13 @@ def foreground_labels(semantic, num_foreground: int) -> np.ndarray:
     255 kept."""
     semantic = np.asarray(semantic).astype(np.int64)
     return np.where(semantic == 255, 255, np.where(semantic < num_foreground, semantic + 1, 0))
+
+
+def wsss_semantic(example: dict, num_foreground: int, label_space: str) -> np.ndarray:
+    """(H, W) dense labels of a dataset example in the WSSS label space (0 background, c + 1 class c, 255
+    ignored), from a dataset whose labels are in `label_space` (`jaxseg.data.datasets.LABEL_SPACES`)."""
+    semantic = np.asarray(example["semantic"])[..., 0]
+    return foreground_labels(semantic, num_foreground) if label_space == "categories" else semantic
 
 
 def refine(fused_cam: Array, patch_attention: Array) -> Array:
@@ -91,38 +97,3 @@ def pseudo_label(normalized: Array, labels: Array, threshold: float) -> Array:
     scores = jnp.where(present, normalized, -jnp.inf)
     background = jnp.full((1,) + normalized.shape[1:], threshold, normalized.dtype)
     return jnp.argmax(jnp.concatenate([background, scores]), axis=0).astype(jnp.int32)
-
-
-class ThresholdSweep:
-    """CAM evaluation over a split, fed one image at a time (memory stays one (T, K, K) confusion stack
-    however many images): mIoU (background + C classes, GT `ignore_index` ignored) of the pseudo-labels
-    at each of T background thresholds."""
-
-    def __init__(self, num_foreground: int, thresholds: Sequence[float], ignore_index: int = 255):
-        self.thresholds = list(thresholds)
-        self.num_classes = 1 + num_foreground
-        self.ignore_index = ignore_index
-        self.confusions = np.zeros((len(self.thresholds), self.num_classes, self.num_classes), np.int64)
-
-    def add(self, normalized_cams: Array, image_labels: Array, ground_truth: Array) -> None:
-        """One image: (C, H, W) normalised CAMs, (C,) multi-hot labels, (H, W) ground-truth labels."""
-        if normalized_cams.shape[0] != self.num_classes - 1:
-            raise ValueError(f"expected CAMs of {self.num_classes - 1} classes, got {normalized_cams.shape[0]}")
-        # `pseudo_label` at every threshold at once: the best present class wins where it beats the
-        # background plane (argmax gives ties to the background, listed first).
-        present = jnp.asarray(image_labels, bool)[:, None, None]
-        scores = jnp.where(present, jnp.asarray(normalized_cams), -jnp.inf)
-        thresholds = jnp.asarray(self.thresholds, scores.dtype)[:, None, None]
-        predictions = jnp.where(scores.max(0) > thresholds, scores.argmax(0) + 1, 0)
-        count = jax.vmap(lambda prediction: confusion_matrix(jnp.asarray(ground_truth), prediction, self.num_classes,
-                                                             ignore_index=self.ignore_index))
-        self.confusions += np.asarray(count(predictions), np.int64)
-
-    def result(self) -> dict:
-        """{"thresholds", "miou": per threshold, "best_threshold", "best_miou", "per_class_iou": at the best
-        threshold}."""
-        results = [miou_from_confusion(c) for c in self.confusions]
-        mious = [float(r["mean_iou"]) for r in results]
-        best = int(np.nanargmax(mious))
-        return {"thresholds": self.thresholds, "miou": mious, "best_threshold": self.thresholds[best],
-                "best_miou": mious[best], "per_class_iou": results[best]["per_class_iou"]}

@@ -1,4 +1,5 @@
-"""Step schedules as pure functions of the (possibly traced) step."""
+"""EoMT's mask annealing: per-block probabilities that a query's attention is masked, as pure functions of
+the (possibly traced) step."""
 from __future__ import annotations
 
 import math

@@ -1,0 +1,141 @@
+"""Configs: load `file.py[:arg]` (big_vision's `get_config(arg)`), apply `--set key=value` overrides, and
+build objects from config sections.
+
+A config is nested ml_collections sections, each the keyword arguments of one constructor (`construct`):
+`method` (the method's dataclass, chosen by `method.name`), `model` (the network), `optimizer` (the
+method's recipe), `data` (`jaxseg.data.sources.DataConfig`), `evals` ({name: `EvalConfig`}), `train`
+(`jaxseg.train.trainer.TrainConfig`) and `parallel` (`jaxseg.parallel.MeshConfig`). A key that is not a
+field of its constructor is an error naming the valid ones, so every setting is spelled once, in the
+config, and reachable with `--set`.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import pathlib
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` -> the file's get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"no config file at {path!r}")
+    root = _package_root(pathlib.Path(path).resolve().parent)
+    if root is not None and str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # `from configs.common import ...` in the repository's configs
+    module_spec = importlib.util.spec_from_file_location("jaxseg_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config(arg)")
+    return module.get_config(arg)
+
+
+def _package_root(directory: pathlib.Path) -> pathlib.Path | None:
+    """The directory above the outermost package (a folder with __init__.py) that holds `directory`."""
+    if not (directory / "__init__.py").is_file():
+        return None
+    while (directory.parent / "__init__.py").is_file():
+        directory = directory.parent
+    return directory.parent
+
+
+def _parse(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _typed(key: str, old: Any, new: Any) -> Any:
+    """`new` checked against the type of the value it replaces (ints widen to floats, lists to tuples)."""
+    if old is None or isinstance(old, (dict, ml_collections.ConfigDict)):
+        return new
+    if isinstance(old, bool):
+        ok = isinstance(new, bool)
+    elif isinstance(old, (int, float)):
+        ok = isinstance(new, (int, float)) and not isinstance(new, bool) and (isinstance(old, float) or
+                                                                           isinstance(new, int))
+        new = float(new) if ok and isinstance(old, float) else new
+    elif isinstance(old, (tuple, list)):
+        ok = isinstance(new, (tuple, list))
+        new = tuple(new) if ok else new
+    else:
+        ok = isinstance(new, type(old))
+    if not ok:
+        raise ValueError(f"--set {key}: {new!r} is not a {type(old).__name__} like the value it replaces "
+                         f"({old!r})")
+    return new
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """Applies "a.b=value" overrides (values parsed as Python literals, else kept as strings, and checked
+    against the type of the value they replace); an unknown key is an error that lists the valid keys at
+    that level."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents + [leaf]:
+            if not isinstance(node, (ml_collections.ConfigDict, dict)):
+                raise KeyError(f"unknown config key {key!r}: {part!r} is below a value, not a section")
+            keys = sorted(node.keys())
+            if part not in keys:
+                raise KeyError(f"unknown config key {key!r}: {part!r} is not one of {keys}")
+            if part != leaf:
+                node = node[part]
+        node[leaf] = _typed(key, node[leaf], _parse(text))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ml_collections.ConfigDict):
+        return value.to_dict()
+    return value
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """`value` converted to what the annotation `hint` asks for: sections to dataclasses, lists to tuples."""
+    value = _plain(value)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None:
+            return None
+        return _coerce(options[0], value, where) if len(options) == 1 else value
+    if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        return construct(hint, value, where=where)
+    if origin is tuple or hint is tuple:
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(hint)
+            if args and args[-1] is not Ellipsis and len(args) == len(value):
+                return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+            inner = args[0] if args else None
+            return tuple(_coerce(inner, v, where) if inner is not None else v for v in value)
+    return value
+
+
+def construct(cls: type, section: Mapping | ml_collections.ConfigDict, *, where: str = "", **context) -> Any:
+    """`cls(**section, **context)` for a dataclass `cls`: nested sections become the dataclasses their
+    fields are annotated with, lists become tuples, and a key that is not a field is an error that names
+    the section (`where`) and the valid keys."""
+    section = dict(_plain(section))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        valid = sorted(set(fields) - set(context))
+        raise KeyError(f"unknown key{'s' if len(unknown) > 1 else ''} {unknown} in config section "
+                       f"{where or cls.__name__!r}; valid: {valid}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
+              for name, value in section.items()}
+    return cls(**kwargs, **context)

@@ -1,0 +1,145 @@
+"""EoMT's training side: targets from the dataset's segments, masked-attention annealing over the run, the
+set loss on all L2 + 1 predictions, the augmentation chain and the optimiser recipe (AdamW with LLRD and the
+two-stage warm-up). Recipe values: docs/eomt.md ("Training recipe")."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxseg.data.augment.eomt import eomt_train_example
+from jaxseg.data.datasets import DataConfig
+from jaxseg.losses.mask_classification import SetLossConfig, Targets, set_loss
+from jaxseg.methods.base import choose
+from jaxseg.methods.eomt.annealing import mask_annealing_probs, mask_annealing_windows
+from jaxseg.methods.eomt.predictors import PREDICTORS, mask_example
+from jaxseg.metrics.accumulators import InstanceMetric, PanopticMetric, SemanticMetric
+from jaxseg.models.eomt import EoMT
+from jaxseg.train.optim import adamw_groups, layer_decay, regex_labels, warmup_poly
+
+SEGMENTATIONS = ("semantic", "panoptic", "instance")
+
+
+@dataclasses.dataclass(frozen=True)
+class EomtOptimizer:
+    """The recipe (a config's `optimizer` section): AdamW (wd on all parameters), LLRD over the encoder,
+    heads warming up over warmup[0] steps, the encoder frozen (lr 0, moments accumulating) for warmup[0]
+    steps and warming up over warmup[1], then poly decay; gradients clipped to a global norm."""
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    layer_decay: float = 0.8
+    warmup: tuple[int, int] = (500, 1000)
+    clip_norm: float = 0.01
+    power: float = 0.9
+
+    def build(self, params: Any, total_steps: int, depth: int) -> optax.GradientTransformation:
+        labels = regex_labels(params, [(r"^encoder/", "backbone")], "head")
+        schedules = {"head": warmup_poly(self.lr, total_steps, self.warmup[0], power=self.power),
+                     "backbone": warmup_poly(self.lr, total_steps, self.warmup[1], frozen_steps=self.warmup[0],
+                                             power=self.power)}
+        return adamw_groups(labels, layer_decay(params, depth, self.layer_decay), schedules,
+                            weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class Annealing:
+    """Per-block (starts, ends) of the masked-attention annealing windows; empty: the official T/6 rule
+    (`mask_annealing_windows`)."""
+    starts: tuple[int, ...] = ()
+    ends: tuple[int, ...] = ()
+    power: float = 0.9
+
+
+@dataclasses.dataclass
+class EomtMethod:
+    """`segmentation` picks the targets and the predictors: "semantic" (one mask per class present),
+    "panoptic" (one mask per segment, crowd dropped) or "instance" (thing segments only). Categories
+    0..num_things-1 are the things."""
+    optimizer_class: ClassVar[type] = EomtOptimizer
+    predictors: ClassVar[dict] = PREDICTORS
+    metrics: ClassVar[dict] = {"semantic": SemanticMetric, "panoptic": PanopticMetric, "instance": InstanceMetric}
+    model: dict
+    optimizer: EomtOptimizer
+    total_steps: int
+    batch_size: int
+    data: DataConfig
+    segmentation: str = "panoptic"
+    num_things: int = 0
+    crop_size: int = 640
+    scale_range: tuple[float, float] = (0.1, 2.0)
+    color_jitter: bool = False
+    max_segments: int = 100
+    set_loss: SetLossConfig = SetLossConfig()
+    annealing: Annealing = Annealing()
+
+    def __post_init__(self):
+        if self.segmentation not in SEGMENTATIONS:
+            raise ValueError(f"method.segmentation must be one of {SEGMENTATIONS}, got {self.segmentation!r}")
+        self.model = dict(self.model, encoder=dict(self.model["encoder"],
+                                                   posemb_grid=tuple(self.model["encoder"]["posemb_grid"])))
+        self.network = EoMT(**self.model)
+        self.num_classes = self.model["num_classes"]
+        if not 0 <= self.num_things <= self.num_classes:
+            raise ValueError(f"method.num_things {self.num_things} must lie in [0, {self.num_classes}]")
+        self.is_thing = np.arange(self.num_classes) < self.num_things
+        self.num_blocks = self.model["num_query_blocks"]
+        if self.annealing.starts or self.annealing.ends:
+            self.windows = (list(self.annealing.starts), list(self.annealing.ends))
+            if len(self.windows[0]) != self.num_blocks or len(self.windows[1]) != self.num_blocks:
+                raise ValueError(f"method.annealing needs {self.num_blocks} starts and ends (one per query "
+                                 f"block), got {self.windows}")
+        else:
+            self.windows = mask_annealing_windows(self.total_steps, self.num_blocks)
+
+    def init_params(self, rng: jax.Array) -> Any:
+        images = jnp.zeros((1, self.crop_size, self.crop_size, 3))
+        return self.network.init({"params": rng, "masking": rng}, images, jnp.ones(self.num_blocks))["params"]
+
+    def optimizer_for(self, params: Any) -> optax.GradientTransformation:
+        return self.optimizer.build(params, self.total_steps, self.model["encoder"]["depth"])
+
+    def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array):
+        masking, dropout, points = jax.random.split(rng, 3)
+        probs = mask_annealing_probs(step, *self.windows, power=self.annealing.power)
+        out = self.network.apply({"params": params}, batch["image"], probs, train=True,
+                                 rngs={"masking": masking, "dropout": dropout})
+        targets = Targets(batch["masks"], batch["labels"], batch["valid"])
+        loss, terms = set_loss(out["class_logits"], out["mask_logits"], targets, points, self.set_loss)
+        # Every prediction layer's terms (layer L2 is the final prediction), not only the last.
+        return loss, {f"{name}_{layer}": values[layer] for name, values in terms.items()
+                      for layer in range(values.shape[0])}
+
+    def _segments(self, example: dict) -> dict | None:
+        """The segment table that gives the training masks, None for per-class masks."""
+        if self.segmentation == "semantic":
+            return None
+        if "segments" not in example:
+            raise ValueError(f"{self.segmentation} training needs panoptic annotations (ids and a segment "
+                             "table); this dataset has semantic labels only: use method.segmentation='semantic'")
+        segments = example["segments"]
+        if self.segmentation == "instance":
+            segments = {k: v[segments["is_thing"]] for k, v in segments.items()}
+        return segments
+
+    def train_transform(self, example: dict, rng: np.random.Generator) -> dict:
+        example = mask_example(example)
+        segments = self._segments(example)
+        example.pop("segments", None)
+        if segments is None:
+            example.pop("panoptic", None)  # not a target: spare its resizing
+        out = eomt_train_example(example, rng, (self.crop_size, self.crop_size), self.scale_range,
+                                 color=self.color_jitter, max_segments=self.max_segments, segments=segments)
+        return dict(out, image=out["image"].astype(np.float32) / 255)
+
+    def predictor(self, kind: str, **settings):
+        return choose(self.predictors, kind, "EoMT predictor")(self, **settings)
+
+    def metric(self, kind: str, **settings):
+        metric = choose(self.metrics, kind, "EoMT metric")
+        if metric is PanopticMetric:
+            return PanopticMetric(self.num_classes, self.is_thing, **settings)
+        return metric(self.num_classes, **settings)

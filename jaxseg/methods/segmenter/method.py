@@ -1,0 +1,119 @@
+"""Segmenter on dense labels: WeakTr's stage 2 (pseudo-labels from `data.pseudo_labels_dir`, the
+gradient-clipping loss, SGD-Nesterov poly with the encoder at 0.1x, mmseg augmentation) or, with
+`clipping=False` on ground truth, the plain Segmenter. Labels are in the WSSS space: 0 background, c + 1
+foreground class c (`num_classes - 1` foreground classes). Recipe values: docs/weaktr.md ("Stage-2 data
+and training recipe")."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxseg.data.augment.mmseg import weaktr_stage2_example
+from jaxseg.data.datasets import DataConfig
+from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
+from jaxseg.methods.base import choose
+from jaxseg.methods.segmenter.predictors import MultiScaleFlipPredictor
+from jaxseg.metrics.accumulators import SemanticMetric
+from jaxseg.models.segmenter import Segmenter
+from jaxseg.train.optim import adamw_groups, path_names, scale_by_group_schedule
+from jaxseg.wsss.cam import wsss_semantic
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmenterOptimizer:
+    """Segmenter's recipe (a config's `optimizer` section): SGD with Nesterov momentum, per-iteration poly
+    decay (lr - min_lr) (1 - t / T)^power + min_lr, encoder parameters at `encoder_multiplier` x that rate.
+    `name="adamw"` (with a linear warm-up over `warmup_steps`) trains small models from scratch, where SGD
+    stays at the background prior."""
+    name: str = "sgd"
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    encoder_multiplier: float = 0.1
+    momentum: float = 0.9
+    power: float = 0.9
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
+
+    def build(self, params: Any, total_steps: int) -> optax.GradientTransformation:
+        multipliers = jax.tree_util.tree_map(lambda name: self.encoder_multiplier if name.startswith("encoder/")
+                                             else 1.0, path_names(params))
+        labels = jax.tree_util.tree_map(lambda _: "all", params)
+        decay = optax.polynomial_schedule(self.lr, self.min_lr, self.power, total_steps - self.warmup_steps)
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, self.lr, self.warmup_steps), decay],
+                                        [self.warmup_steps])
+        if self.name == "adamw":
+            return adamw_groups(labels, multipliers, {"all": schedule}, weight_decay=self.weight_decay)
+        return optax.chain(optax.add_decayed_weights(self.weight_decay) if self.weight_decay else optax.identity(),
+                           optax.trace(decay=self.momentum, nesterov=True),
+                           scale_by_group_schedule(labels, multipliers, {"all": schedule}))
+
+
+@dataclasses.dataclass
+class SegmenterMethod:
+    """`base_size` is the short side the mmseg rescale (and the predictor's scale 1) aims at; `clipping`,
+    `clip_cell_size`, `start_value`: the gradient-clipping loss (`jaxseg.losses.gradient_clipping`)."""
+    optimizer_class: ClassVar[type] = SegmenterOptimizer
+    predictors: ClassVar[dict] = {"sliding": MultiScaleFlipPredictor}
+    metrics: ClassVar[dict] = {"semantic": SemanticMetric}
+    model: dict
+    optimizer: SegmenterOptimizer
+    total_steps: int
+    batch_size: int
+    data: DataConfig
+    crop_size: int = 480
+    base_size: int = 520
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
+    clipping: bool = True
+    clip_cell_size: int = 120
+    start_value: float = 1.2
+
+    def __post_init__(self):
+        self.model = dict(self.model, encoder=dict(self.model["encoder"],
+                                                   posemb_grid=tuple(self.model["encoder"]["posemb_grid"])))
+        self.network = Segmenter(**self.model)
+        self.num_foreground = self.model["num_classes"] - 1
+        if self.clipping and not self.data.pseudo_labels_dir:
+            raise ValueError("the gradient-clipping loss is for pseudo-labels: set data.pseudo_labels_dir (written "
+                             "by tools/make_pseudo_labels.py) or method.clipping=False to train on ground truth")
+        # Pseudo-labels are written in the WSSS space; ground truth comes in the dataset's.
+        self.train_labels = "wsss" if self.data.pseudo_labels_dir else self.data.ground_truth
+
+    def init_params(self, rng: jax.Array) -> Any:
+        return self.network.init({"params": rng}, jnp.zeros((1, self.crop_size, self.crop_size, 3)))["params"]
+
+    def optimizer_for(self, params: Any) -> optax.GradientTransformation:
+        return self.optimizer.build(params, self.total_steps)
+
+    def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array):
+        logits = self.network.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})[-1]
+        cross_entropy = pixel_cross_entropy(logits, batch["semantic"]).mean()
+        if not self.clipping:
+            return cross_entropy, {"cross_entropy": cross_entropy}
+        loss, kept = gradient_clipping_loss(logits, batch["semantic"], patch_size=self.clip_cell_size,
+                                            start_value=self.start_value)
+        return loss, {"cross_entropy": cross_entropy, "kept_fraction": kept.mean()}
+
+    def train_transform(self, example: dict, rng: np.random.Generator) -> dict:
+        example = {"image": np.asarray(example["image"]),
+                   "semantic": wsss_semantic(example, self.num_foreground, self.train_labels).astype(np.uint8)}
+        out = weaktr_stage2_example(example, rng, crop=self.crop_size, base=self.base_size,
+                                    ratio_range=self.ratio_range, photometric=self.photometric)
+        return {"image": out["image"], "semantic": out["semantic"].astype(np.int32)}
+
+    def predictor(self, kind: str, **settings):
+        return choose(self.predictors, kind, "Segmenter predictor")(self, **settings)
+
+    def metric(self, kind: str, **settings):
+        return choose(self.metrics, kind, "Segmenter metric")(self.num_foreground + 1, **settings)

@@ -1,0 +1,102 @@
+"""WeakTr (or MCTformer) stage 1: CAMs from image-level labels. The three soft-margin losses, AdamW with
+timm's per-epoch cosine, timm's training augmentation (or flips only, `augmentation`); predictions are
+multi-scale + flip CAMs and their pseudo-labels (`predictors`). Recipe values: docs/weaktr.md ("Stage-1
+training recipe")."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxseg.data.augment.timm import STAGE1_AUGMENTATIONS, weaktr_stage1_example
+from jaxseg.data.datasets import DataConfig
+from jaxseg.losses.multilabel import cam_loss
+from jaxseg.methods.base import choose
+from jaxseg.methods.weaktr.predictors import CamPredictor
+from jaxseg.metrics.accumulators import CamSweepMetric
+from jaxseg.models.weaktr import WeakTr
+from jaxseg.train.optim import Schedule, adamw_groups
+
+
+def timm_cosine_per_epoch(base_lr: float, steps_per_epoch: int, epochs: int, *, warmup_epochs: int = 5,
+                          warmup_lr: float = 1e-6, min_lr: float = 1e-5) -> Schedule:
+    """timm's CosineLRScheduler (t in epochs, warm-up not prefixed) stepped once per epoch after it ends,
+    so epoch e trains at lr(max(e - 1, 0)) and epoch 0 at the warm-up start."""
+    def schedule(step):
+        epoch = jnp.maximum(jnp.asarray(step, jnp.int32) // steps_per_epoch - 1, 0).astype(jnp.float32)
+        warm = warmup_lr + epoch * (base_lr - warmup_lr) / max(warmup_epochs, 1)
+        cosine = min_lr + 0.5 * (base_lr - min_lr) * (1 + jnp.cos(jnp.pi * epoch / epochs))
+        return jnp.where(epoch < warmup_epochs, warm, cosine)
+    return schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class WeakTrOptimizer:
+    """AdamW (eps 1e-8, weight decay on every parameter) on timm's per-epoch cosine (a config's
+    `optimizer` section)."""
+    lr: float = 6e-4 * 64 / 512
+    weight_decay: float = 0.03
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+    def build(self, params: Any, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+        labels = jax.tree_util.tree_map(lambda _: "all", params)
+        schedule = timm_cosine_per_epoch(self.lr, steps_per_epoch, epochs, warmup_epochs=self.warmup_epochs,
+                                         warmup_lr=self.warmup_lr, min_lr=self.min_lr)
+        return adamw_groups(labels, jax.tree_util.tree_map(lambda _: 1.0, params), {"all": schedule},
+                            weight_decay=self.weight_decay)
+
+
+@dataclasses.dataclass
+class WeakTrMethod:
+    """`steps_per_epoch` paces the schedule (the run is a whole number of epochs); C = the model's
+    `num_classes` foreground classes, the first C entries of the dataset's image labels."""
+    optimizer_class: ClassVar[type] = WeakTrOptimizer
+    predictors: ClassVar[dict] = {"cams": CamPredictor}
+    metrics: ClassVar[dict] = {"cam_sweep": CamSweepMetric}
+    model: dict
+    optimizer: WeakTrOptimizer
+    total_steps: int
+    batch_size: int
+    data: DataConfig
+    steps_per_epoch: int = 1
+    crop_size: int = 224
+    augmentation: str = "timm"
+
+    def __post_init__(self):
+        self.model = dict(self.model, encoder=dict(self.model["encoder"],
+                                                   posemb_grid=tuple(self.model["encoder"]["posemb_grid"])))
+        self.network = WeakTr(**self.model)
+        self.num_classes = self.model["num_classes"]
+        if self.steps_per_epoch < 1 or self.total_steps % self.steps_per_epoch:
+            raise ValueError(f"train.total_steps {self.total_steps} must be a whole number of epochs of "
+                             f"method.steps_per_epoch={self.steps_per_epoch} steps")
+        if self.augmentation not in STAGE1_AUGMENTATIONS:  # fail here, not in the data workers
+            raise ValueError(f"method.augmentation must be one of {STAGE1_AUGMENTATIONS}, got {self.augmentation!r}")
+
+    def init_params(self, rng: jax.Array) -> Any:
+        return self.network.init({"params": rng}, jnp.zeros((1, self.crop_size, self.crop_size, 3)))["params"]
+
+    def optimizer_for(self, params: Any) -> optax.GradientTransformation:
+        return self.optimizer.build(params, self.steps_per_epoch, self.total_steps // self.steps_per_epoch)
+
+    def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array):
+        out = self.network.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+        return cam_loss(out, batch["labels"])
+
+    def train_transform(self, example: dict, rng: np.random.Generator) -> dict:
+        example = {"image": np.asarray(example["image"]),
+                   "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
+        return weaktr_stage1_example(example, rng, size=self.crop_size, augmentation=self.augmentation)
+
+    def predictor(self, kind: str, **settings):
+        return choose(self.predictors, kind, "WeakTr predictor")(self.network, self.num_classes,
+                                                                 self.data.ground_truth, **settings)
+
+    def metric(self, kind: str, **settings):
+        return choose(self.metrics, kind, "WeakTr metric")(self.num_classes, **settings)

@@ -1,0 +1,80 @@
+"""WeakTr's CAM predictor: multi-scale + flip CAMs of each image at its own size (`jaxseg.wsss.cam`), refined
+by the patch attention or not, min-max normalised per present class, and the pseudo-label map at a
+background threshold. The model's input follows the image size, so images are batched with others of
+their shape (the evaluator's own-shape mode)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseg.ops.image import normalize
+from jaxseg.wsss.cam import image_cams, pseudo_label, wsss_semantic
+
+# Background threshold of the pseudo-labels where a run has not measured a better one (WeakTr's for VOC).
+PSEUDO_LABEL_THRESHOLD = 0.43
+LABEL_SOURCES = ("given", "predicted")
+
+
+class CamPredictor:
+    """`scales` of the passes, `refine` by the patch attention (R = PA . M), `threshold` of the label map,
+    `labels`: "given" (the example's image-level labels, cut to the C classes) or "predicted" (the classes
+    whose mean sigmoid of the class-token and coarse-CAM logits on the whole-patch crop of the image
+    exceeds 0.5)."""
+    fixed_shape = False
+
+    def __init__(self, network, num_classes: int, label_space: str,
+                 scales: Sequence[float] = (1.0, 1.2), refine: bool = True,
+                 threshold: float = PSEUDO_LABEL_THRESHOLD, labels: str = "given"):
+        if labels not in LABEL_SOURCES:
+            raise ValueError(f"the CAM predictor's labels must be one of {LABEL_SOURCES}, got {labels!r}")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"the CAM predictor's threshold must lie in [0, 1], got {threshold}")
+        self.network, self.num_classes, self.label_space = network, num_classes, label_space
+        self.scales, self.refine, self.threshold, self.labels = tuple(scales), refine, threshold, labels
+        self.patch = network.encoder["patch_size"]
+
+    def canvas(self, example: dict) -> tuple[int, int]:
+        return tuple(np.asarray(example["image"]).shape[:2])
+
+    def prepare(self, example: dict) -> dict[str, np.ndarray]:
+        image = np.asarray(example["image"])
+        rows, cols = image.shape[0] // self.patch * self.patch, image.shape[1] // self.patch * self.patch
+        if rows == 0 or cols == 0:
+            raise ValueError(f"the {image.shape[0]}x{image.shape[1]} image is smaller than one {self.patch} px patch")
+        if self.labels == "predicted":
+            return {"image": image}
+        if "labels" not in example:
+            raise ValueError("the CAM predictor takes the images' labels (labels='given'), and this example has "
+                             "none: use labels='predicted'")
+        return {"image": image, "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
+
+    def targets(self, example: dict) -> dict:
+        return {"semantic": wsss_semantic(example, self.num_classes, self.label_space),
+                "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
+
+    def _predicted_labels(self, params: Any, image: jax.Array) -> jax.Array:
+        rows, cols = image.shape[0] // self.patch * self.patch, image.shape[1] // self.patch * self.patch
+        view = normalize(image.astype(jnp.float32) / 255)[None, :rows, :cols]
+        out = self.network.apply({"params": params}, view)
+        # Both image-level heads are trained by the same multi-label loss: their mean is the prediction.
+        probs = (jax.nn.sigmoid(out["cls_logits"]) + jax.nn.sigmoid(out["coarse_logits"]))[0] / 2
+        return (probs > 0.5).astype(jnp.float32)
+
+    def predict(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        def cam_fn(views):
+            out = self.network.apply({"params": params}, views)
+            return out["fused_cam"], out["patch_attention"] if self.refine else None
+
+        def one(image, labels):
+            present = self._predicted_labels(params, image) if labels is None else labels
+            cams = image_cams(cam_fn, image, present, self.patch, self.scales)
+            return {"cams": cams, "present": present, "semantic": pseudo_label(cams, present, self.threshold)}
+        return jax.vmap(one)(batch["image"], batch.get("labels"))
+
+    def finish(self, outputs: dict, example: dict) -> dict:
+        return {"semantic": outputs["semantic"], "cams": outputs["cams"],
+                "cam_classes": np.flatnonzero(outputs["present"])}
