@@ -155,7 +155,7 @@ def test_masked_train_step_compiles_once_across_annealing(hf_model):
     import optax
 
     from jaxseg.losses.mask_classification import SetLossConfig, Targets, set_loss
-    from jaxseg.train.schedules import mask_annealing_probs, mask_annealing_windows
+    from jaxseg.methods.eomt.annealing import mask_annealing_probs, mask_annealing_windows
 
     config, params = from_hf_eomt(hf_model.state_dict(), hf_model.config)
     model = EoMT(**config)
