@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end (tiny settings, JAX side only) and print their tables."""
+"""The benchmark scripts (benchmarks/) run end to end (tiny settings, JAX side only) and print their tables."""
 import pathlib
 import subprocess
 import sys
@@ -9,21 +9,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script,args,expected", [
-    ("benchmark_vit.py", ["--variant", "Ti/16", "--image-size", "32", "--batch", "1", "--steps", "1"],
+    ("bench_vit.py", ["--variant", "Ti/16", "--image-size", "32", "--batch", "1", "--steps", "1"],
      "| jaxseg |"),
-    ("benchmark_eomt.py", ["--size", "S", "--depth", "1", "--image-size", "32", "--batch", "1",
+    ("bench_eomt.py", ["--size", "S", "--depth", "1", "--image-size", "32", "--batch", "1",
                            "--queries", "4", "--targets", "2", "--points", "16", "--steps", "1"],
      "of the train step"),
 ])
 def test_benchmark_scripts_run(script, args, expected):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / script), *args, "--no-torch"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-torch"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert expected in proc.stdout
 
 
 def test_weaktr_benchmark_runs_both_stages():
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_weaktr.py"), "--stage", "all",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_weaktr.py"), "--stage", "all",
                            "--variant", "Ti/16", "--depth", "3", "--classes", "3", "--image-sizes", "32",
                            "--seg-image-size", "32", "--clip-cell", "16", "--batch", "1", "--steps", "1"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)

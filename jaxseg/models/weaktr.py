@@ -15,7 +15,7 @@ layers (CA) and over all layers (PA), and has no fine prediction.
 Memory: keeping K x H maps of (C + P)^2 entries per image is the cost of a naive port. Here each layer's
 attention output is pooled as soon as it exists, and the weighted sum of the maps is a scan over the
 layers with a rematerialised body: the maps are recomputed from the stored block inputs, one layer at a
-time, in the forward and the backward pass (`tools/benchmark_weaktr.py` measures the saving).
+time, in the forward and the backward pass (`benchmarks/bench_weaktr.py` measures the saving).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """PyTorch references of WeakTr stage 2, written from hustvl/WeakTr `OnlineRetraining/segm/model/
 {segmenter,decoder}.py`: the `MultiSegmenter` forward with its `MultiMaskTransformer` decoder on timm
 blocks (Segmenter's blocks are timm's with torch-default LayerNorm eps; the encoder is a timm ViT), and
-the `GradientClipping` loss. Used by the parity tests and by `tools/benchmark_weaktr.py`.
+the `GradientClipping` loss. Used by the parity tests and by `benchmarks/bench_weaktr.py`.
 """
 import torch
 from timm.models.vision_transformer import Block

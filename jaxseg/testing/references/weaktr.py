@@ -4,7 +4,7 @@ WeakTr.forward / interpolate_pos_encoding and `AAF.py`, V3) on timm's ViT blocks
 `cls_token` (1, C, D), `pos_embed` (1, C + P, D), `blocks.i`, `norm`, `head`,
 `adaptive_attention_fusion.attn_{feat,head}_ffn`), so its state dict stands in for a released checkpoint.
 With fusion "mctformer" it is MCTformer-V2 (no AAF module). Used by the parity and converter tests and by
-`tools/benchmark_weaktr.py`.
+`benchmarks/bench_weaktr.py`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Times the jaxseg ViT against timm's on the same weights and inputs, and prints a table.
 
-    python tools/benchmark_vit.py --variant S/16 --family deit --image-size 224 --batch 8
+    python benchmarks/bench_vit.py --variant S/16 --family deit --image-size 224 --batch 8
 
 Forward (inference) and forward+backward (a training step's gradient) per batch, median of --steps
 timed runs after warm-up/compilation. timm is optional (--no-torch skips it). On a GPU the JAX peak

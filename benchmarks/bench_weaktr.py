@@ -1,6 +1,6 @@
 """Memory and speed of WeakTr's training steps, jaxseg against the PyTorch references of the official code.
 
-    python tools/benchmark_weaktr.py --stage all --image-sizes 224 --batch 2 --steps 3
+    python benchmarks/bench_weaktr.py --stage all --image-sizes 224 --batch 2 --steps 3
 
 --stage picks stage 1 (the default), 2 or both.
 

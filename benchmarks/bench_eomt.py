@@ -1,7 +1,7 @@
 """Times jaxseg's EoMT against transformers' EomtForUniversalSegmentation on the same weights and
 inputs, and prints a table with ratios.
 
-    python tools/benchmark_eomt.py --size S --image-size 256 --batch 2 --queries 100 --targets 20
+    python benchmarks/bench_eomt.py --size S --image-size 256 --batch 2 --queries 100 --targets 20
 
 Rows: inference forward (masked attention off), and the shipped training step (`Trainer.make_step` over
 `EomtMethod`: masked attention on with all probabilities 1, set loss over the L2+1 predictions, backward,
@@ -12,7 +12,7 @@ programs (XLA cost analysis), achieved TFLOP/s and, given --peak-tflops, MFU. On
 memory is reported too, and PyTorch runs on CUDA (under bfloat16 autocast with --dtype bfloat16).
 transformers is optional (--no-torch). A GPU run of the paper's setting:
 
-    python tools/benchmark_eomt.py --size L --image-size 640 --queries 200 --batch 16 --dtype bfloat16 \
+    python benchmarks/bench_eomt.py --size L --image-size 640 --queries 200 --batch 16 --dtype bfloat16 \
         --targets 100 --peak-tflops 989
 """
 import argparse
