@@ -103,6 +103,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def module_settings(section: Any) -> Any:
+    """A model section as module keyword arguments: lists (JSON and ConfigDict give them) become tuples,
+    recursively, because flax hashes a module's attributes when it is a static argument of jit."""
+    section = _plain(section)
+    if isinstance(section, Mapping):
+        return {key: module_settings(value) for key, value in section.items()}
+    if isinstance(section, (list, tuple)):
+        return tuple(module_settings(value) for value in section)
+    return section
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     """`value` converted to what the annotation `hint` asks for: sections to dataclasses, lists to tuples."""
     value = _plain(value)

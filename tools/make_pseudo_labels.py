@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxseg.config import module_settings
 from jaxseg.convert.params_io import load_params
 from jaxseg.data.datasets import LABEL_SPACES, FirstExamples, image_name
 from jaxseg.evaluate import Evaluator
@@ -78,8 +79,7 @@ def _model(args, checkpoint: pathlib.Path):
 
 
 def _network(model_config: dict) -> WeakTr:
-    model_config["encoder"]["posemb_grid"] = tuple(model_config["encoder"]["posemb_grid"])
-    return WeakTr(**model_config)
+    return WeakTr(**module_settings(model_config))
 
 
 def _abstract(network: WeakTr):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.config import module_settings
+
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 FORMATS = ("msgpack", "orbax")
@@ -38,9 +40,7 @@ def _parse_config(text: str) -> dict:
     for key in ("dtype", "param_dtype"):
         if key in config:
             config[key] = jnp.dtype(config[key])
-    if "posemb_grid" in config:
-        config["posemb_grid"] = tuple(config["posemb_grid"])
-    return config
+    return module_settings(config)
 
 
 def format_for(path: str | os.PathLike) -> str:

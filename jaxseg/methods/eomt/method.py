@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxseg.config import module_settings
 from jaxseg.data.augment.eomt import eomt_train_example
 from jaxseg.data.datasets import DataConfig
 from jaxseg.losses.mask_classification import SetLossConfig, Targets, set_loss
@@ -79,8 +80,7 @@ class EomtMethod:
     def __post_init__(self):
         if self.segmentation not in SEGMENTATIONS:
             raise ValueError(f"method.segmentation must be one of {SEGMENTATIONS}, got {self.segmentation!r}")
-        self.model = dict(self.model, encoder=dict(self.model["encoder"],
-                                                   posemb_grid=tuple(self.model["encoder"]["posemb_grid"])))
+        self.model = module_settings(self.model)
         self.network = EoMT(**self.model)
         self.num_classes = self.model["num_classes"]
         if not 0 <= self.num_things <= self.num_classes:

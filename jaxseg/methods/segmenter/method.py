@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxseg.config import module_settings
 from jaxseg.data.augment.mmseg import weaktr_stage2_example
 from jaxseg.data.datasets import DataConfig
 from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
@@ -80,8 +81,7 @@ class SegmenterMethod:
     start_value: float = 1.2
 
     def __post_init__(self):
-        self.model = dict(self.model, encoder=dict(self.model["encoder"],
-                                                   posemb_grid=tuple(self.model["encoder"]["posemb_grid"])))
+        self.model = module_settings(self.model)
         self.network = Segmenter(**self.model)
         self.num_foreground = self.model["num_classes"] - 1
         if self.clipping and not self.data.pseudo_labels_dir:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxseg.config import module_settings
 from jaxseg.data.augment.timm import STAGE1_AUGMENTATIONS, weaktr_stage1_example
 from jaxseg.data.datasets import DataConfig
 from jaxseg.losses.multilabel import cam_loss
@@ -69,8 +70,7 @@ class WeakTrMethod:
     augmentation: str = "timm"
 
     def __post_init__(self):
-        self.model = dict(self.model, encoder=dict(self.model["encoder"],
-                                                   posemb_grid=tuple(self.model["encoder"]["posemb_grid"])))
+        self.model = module_settings(self.model)
         self.network = WeakTr(**self.model)
         self.num_classes = self.model["num_classes"]
         if self.steps_per_epoch < 1 or self.total_steps % self.steps_per_epoch:
