@@ -105,7 +105,8 @@ def manual_data(name: str, train_split: str, *, ground_truth: str = "categories"
     """A dataset read from its prepared TFDS build in `data_dir` (`jaxseg.data.datasets`), prepared from
     `manual_dir` (the extracted official downloads) on first use when given."""
     return dict(name=name, data_dir="", manual_dir="", train_split=train_split, ground_truth=ground_truth,
-                pseudo_labels_dir="", image_size=0, num_train=0, num_val=0, hue_spread=None, saturation_range=None)
+                pseudo_labels_dir="", image_size=None, num_train=None, num_val=None, hue_spread=None,
+                saturation_range=None)
 
 
 def evaluation(split: str, predictor: dict, metrics: dict, *, every: int = 0, batch_size: int = 8) -> dict:

@@ -6,13 +6,17 @@ A config is nested ml_collections sections, each the keyword arguments of one co
 method's recipe), `data` (`jaxseg.data.sources.DataConfig`), `evals` ({name: `EvalConfig`}), `train`
 (`jaxseg.train.trainer.TrainConfig`) and `parallel` (`jaxseg.parallel.MeshConfig`). A key that is not a
 field of its constructor is an error naming the valid ones, so every setting is spelled once, in the
-config, and reachable with `--set`.
+config, and reachable with `--set`. A field declared with `setting(default, rule)` has its value checked
+(`check_rules`, called by the dataclass): a value that breaks the rule is one error naming the key, the
+value and the rule.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
 import importlib.util
+import math
+import numbers
 import pathlib
 import sys
 import types
@@ -21,6 +25,50 @@ from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+
+from jaxseg.errors import UnknownKeyError, UserError
+
+RULES = {
+    "finite and >= 0": lambda v: math.isfinite(v) and v >= 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "> 0": lambda v: v > 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def setting(default: Any = dataclasses.MISSING, rule: str | None = None) -> Any:
+    """A dataclass field whose value (each element of a tuple value) must satisfy `RULES[rule]`."""
+    if rule is not None and rule not in RULES:
+        raise KeyError(f"unknown rule {rule!r}; valid: {sorted(RULES)}")
+    return dataclasses.field(default=default, metadata={"rule": rule} if rule else {})
+
+
+class RuleError(UserError):
+    """A setting's value breaks its rule; `key` names it (`construct` prefixes its section)."""
+
+    def __init__(self, key: str, value: Any, rule: str):
+        super().__init__(f"{key}={value!r} breaks the rule: must be {rule}")
+        self.key, self.value, self.rule = key, value, rule
+
+
+def check_rules(obj: Any) -> None:
+    """Raises `RuleError` for the first field of the dataclass `obj` whose value breaks its `setting` rule
+    (None, an unset optional value, passes)."""
+    for field in dataclasses.fields(obj):
+        rule = field.metadata.get("rule")
+        value = getattr(obj, field.name)
+        if rule is None or value is None:
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and RULES[rule](v) for v in values):
+            raise RuleError(f"{type(obj).__name__}.{field.name}", value, rule)
+
+
+def check_divisible(key: str, value: int, divisor: int, what: str) -> None:
+    """Raises `RuleError` unless `divisor` divides `value` (`what` names the divisor, e.g. "the patch size 16")."""
+    if value % divisor:
+        raise RuleError(key, value, f"divisible by {what}")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -33,10 +81,18 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         sys.path.insert(0, str(root))  # `from configs.common import ...` in the repository's configs
     module_spec = importlib.util.spec_from_file_location("jaxseg_user_config", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the config file is the user's code: its error is theirs (--debug shows where)
+        raise UserError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config(arg)")
-    return module.get_config(arg)
+        raise UserError(f"{path} defines no get_config(arg)")
+    try:
+        return module.get_config(arg)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"config {spec}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
 
 
 def _package_root(directory: pathlib.Path) -> pathlib.Path | None:
@@ -71,8 +127,8 @@ def _typed(key: str, old: Any, new: Any) -> Any:
     else:
         ok = isinstance(new, type(old))
     if not ok:
-        raise ValueError(f"--set {key}: {new!r} is not a {type(old).__name__} like the value it replaces "
-                         f"({old!r})")
+        raise UserError(f"--set {key}: {new!r} is not a {type(old).__name__} like the value it replaces "
+                        f"({old!r})")
     return new
 
 
@@ -83,15 +139,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise UserError(f"override {item!r} must look like key=value")
         *parents, leaf = key.split(".")
         node = config
         for part in parents + [leaf]:
             if not isinstance(node, (ml_collections.ConfigDict, dict)):
-                raise KeyError(f"unknown config key {key!r}: {part!r} is below a value, not a section")
+                raise UnknownKeyError(f"unknown config key {key!r}: {part!r} is below a value, not a section")
             keys = sorted(node.keys())
             if part not in keys:
-                raise KeyError(f"unknown config key {key!r}: {part!r} is not one of {keys}")
+                raise UnknownKeyError(f"unknown config key {key!r}: {part!r} is not one of {keys}")
             if part != leaf:
                 node = node[part]
         node[leaf] = _typed(key, node[leaf], _parse(text))
@@ -144,9 +200,14 @@ def construct(cls: type, section: Mapping | ml_collections.ConfigDict, *, where:
     unknown = sorted(set(section) - set(fields))
     if unknown:
         valid = sorted(set(fields) - set(context))
-        raise KeyError(f"unknown key{'s' if len(unknown) > 1 else ''} {unknown} in config section "
-                       f"{where or cls.__name__!r}; valid: {valid}")
+        raise UnknownKeyError(f"unknown key{'s' if len(unknown) > 1 else ''} {unknown} in config section "
+                              f"{where or cls.__name__!r}; valid: {valid}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
               for name, value in section.items()}
-    return cls(**kwargs, **context)
+    try:
+        return cls(**kwargs, **context)
+    except RuleError as e:
+        if not where or not e.key.startswith(f"{cls.__name__}."):
+            raise
+        raise RuleError(f"config key {where}.{e.key.split('.', 1)[1]}", e.value, e.rule) from None

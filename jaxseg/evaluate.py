@@ -34,6 +34,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxseg import parallel
+from jaxseg.config import check_rules, setting
+from jaxseg.errors import UserError
 from jaxseg.metrics.accumulators import Metric
 
 # (source index, example, prediction) of one image, on the host that predicted it.
@@ -84,7 +86,7 @@ class Evaluator:
     def __init__(self, predictor, make_metrics: Callable[[], Mapping[str, Metric]], *, batch_size: int = 8,
                  mesh: jax.sharding.Mesh | None = None, rules: parallel.LogicalRules = parallel.DEFAULT_RULES):
         if batch_size < 1:
-            raise ValueError(f"evaluation batch_size must be at least 1, got {batch_size}")
+            raise UserError(f"evaluation batch_size must be at least 1, got {batch_size}")
         self.predictor, self.make_metrics = predictor, make_metrics
         self.mesh = mesh if mesh is not None else parallel.MeshConfig().make_mesh()
         self.rules = rules
@@ -110,7 +112,7 @@ class Evaluator:
 
     def run(self, params: Any, source: Sequence[dict], on_prediction: PredictionCallback | None = None) -> dict:
         if len(source) == 0:
-            raise ValueError("the evaluation source is empty")
+            raise UserError("the evaluation source is empty")
         metrics = dict(self.make_metrics())
         batches = self._fixed_shape_batches if self.predictor.fixed_shape else self._own_shape_batches
         for indices, examples, valid, (outputs, stats) in batches(params, source, metrics, on_prediction is not None):
@@ -191,14 +193,13 @@ class EvalConfig:
     split: str
     predictor: dict
     metrics: dict
-    every: int = 0
-    batch_size: int = 8
+    every: int = setting(0, ">= 0")
+    batch_size: int = setting(8, ">= 1")
 
     def __post_init__(self):
+        check_rules(self)
         if "kind" not in self.predictor:
-            raise ValueError(f"an evaluation's predictor section needs a 'kind', got {self.predictor}")
-        if self.every < 0:
-            raise ValueError(f"an evaluation's 'every' must be >= 0 steps, got {self.every}")
+            raise UserError(f"an evaluation's predictor section needs a 'kind', got {self.predictor}")
 
 
 def build_evaluator(method, config: EvalConfig, *, mesh: jax.sharding.Mesh | None = None,

@@ -25,6 +25,8 @@ import numpy as np
 import optax
 from scipy.optimize import linear_sum_assignment
 
+from jaxseg.errors import UserError
+
 METHODS = ("hungarian", "scipy")
 COST_BOUND = 1e10
 
@@ -128,10 +130,10 @@ def match(cost: jax.Array, valid_targets: jax.Array | None = None, *,
     also with clamped +-1e10 entries present, as long as finite costs stay far below 1e10 / min(Q, G).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown matching method {method!r}; valid methods: {', '.join(METHODS)}")
+        raise UserError(f"unknown matching method {method!r}; valid methods: {', '.join(METHODS)}")
     cost = jnp.asarray(cost)
     if cost.ndim < 2:
-        raise ValueError(f"cost must have shape (..., Q, G), got {cost.shape}")
+        raise UserError(f"cost must have shape (..., Q, G), got {cost.shape}")
     *batch, num_queries, num_targets = cost.shape
     if valid_targets is None:
         valid_targets = jnp.ones((*batch, num_targets), bool)
@@ -139,8 +141,8 @@ def match(cost: jax.Array, valid_targets: jax.Array | None = None, *,
     if valid_targets.dtype != bool:
         raise TypeError(f"valid_targets must be bool, got {valid_targets.dtype}")
     if valid_targets.shape != (*batch, num_targets):
-        raise ValueError(f"valid_targets must have shape {(*batch, num_targets)} to match cost "
-                         f"{cost.shape}, got {valid_targets.shape}")
+        raise UserError(f"valid_targets must have shape {(*batch, num_targets)} to match cost "
+                        f"{cost.shape}, got {valid_targets.shape}")
 
     images = math.prod(batch)
     cost = jax.lax.stop_gradient(sanitize_cost(cost)).reshape(images, num_queries, num_targets)

@@ -42,6 +42,8 @@ import numpy as np
 from jax._src import clusters, xla_bridge
 from jax.sharding import Mesh, NamedSharding
 
+from jaxseg.errors import UserError
+
 LogicalRules = Sequence[tuple[str, Any]]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -84,16 +86,16 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
     names = tuple(name for name, _ in axes)
     sizes = [int(size) for _, size in axes]
     if len(set(names)) != len(names):
-        raise ValueError(f"mesh axis names must be unique, got {names}")
+        raise UserError(f"mesh axis names must be unique, got {names}")
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may have size -1, got {list(axes)}")
+        raise UserError(f"at most one mesh axis may have size -1, got {list(axes)}")
     known = math.prod(s for s in sizes if s != -1)
     if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
-        raise ValueError(f"mesh {list(axes)} does not fit {len(devices)} devices")
+        raise UserError(f"mesh {list(axes)} does not fit {len(devices)} devices")
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
-                         f"{len(devices)} are available")
+        raise UserError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
+                        f"{len(devices)} are available")
     return jax.make_mesh(tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
                          devices=devices)
 
@@ -159,12 +161,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         # JAX fills what is still unset from the cluster environment and raises on what it cannot fill.
         jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids)
     elif num_processes not in (None, 1):
-        raise ValueError(f"num_processes={num_processes} needs a coordinator address (argument, "
-                         "JAXSEG_COORDINATOR or JAX_COORDINATOR_ADDRESS); none is set and no cluster "
-                         "environment was detected")
+        raise UserError(f"num_processes={num_processes} needs a coordinator address (argument, "
+                        "JAXSEG_COORDINATOR or JAX_COORDINATOR_ADDRESS); none is set and no cluster "
+                        "environment was detected")
     _initialized = True
-    log.info("process %d of %d: %d local devices, %d global devices (%s)", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
+    if jax.process_count() > 1:
+        log.info("process %d of %d: %d local devices, %d global devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
 
 
 def _env_int(name: str) -> int | None:
@@ -174,7 +177,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def _detected_cluster() -> type | None:

@@ -1,6 +1,6 @@
 """A run directory without the trainer (nothing here imports it): its config, a chosen or the latest step,
 the parameters restored straight into their shardings on the run's mesh, and evaluators built from it.
-tools/eval.py, tools/predict.py and tools/make_pseudo_labels.py work through this module.
+jaxseg-eval, jaxseg-predict and jaxseg-pseudo-labels work through this module.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import ml_collections
 from jaxseg import methods, parallel
 from jaxseg.config import apply_overrides, construct
 from jaxseg.data.datasets import DataConfig
+from jaxseg.errors import UnknownKeyError, UserError
 from jaxseg.evaluate import EvalConfig, Evaluator, build_evaluator
 from jaxseg.parallel import MeshConfig
 from jaxseg.train.checkpoint import restore_params
@@ -57,10 +58,10 @@ class Run:
 
     def eval_config(self, name: str | None = None, *, split: str | None = None) -> EvalConfig:
         if not self.parts.evals:
-            raise ValueError(f"the run {self.workdir} configures no evaluation (config.evals is empty)")
+            raise UserError(f"the run {self.workdir} configures no evaluation (config.evals is empty)")
         name = name or next(iter(self.parts.evals))
         if name not in self.parts.evals:
-            raise KeyError(f"the run configures no evaluation {name!r}; valid: {sorted(self.parts.evals)}")
+            raise UnknownKeyError(f"the run configures no evaluation {name!r}; valid: {sorted(self.parts.evals)}")
         config = self.parts.evals[name]
         return dataclasses.replace(config, split=split) if split else config
 
@@ -68,18 +69,29 @@ class Run:
         return self.parts.data.sources([split], self.workdir)[split]
 
 
-def load_run(workdir: str | pathlib.Path, *, step: int | None = None, overrides: list[str] = ()) -> Run:
-    """The run written by tools/train.py into `workdir`, with `overrides` ("key=value") applied to its
-    config (not to the model, which the checkpoint fixes)."""
+def run_config(workdir: str | pathlib.Path, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """The config of the run in `workdir` with `overrides` ("key=value") applied (not to the model, which
+    the checkpoint fixes)."""
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{workdir} holds no config.json: not a run directory of tools/train.py")
+        raise FileNotFoundError(f"{workdir} holds no config.json: not a run directory of jaxseg-train")
     model_overrides = [o for o in overrides if o.partition("=")[0].split(".")[0] == "model"]
     if model_overrides:
-        raise ValueError(f"{model_overrides}: the model is the checkpoint's; a loaded run cannot change it")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+        raise UserError(f"{model_overrides}: the model is the checkpoint's; a loaded run cannot change it")
+    try:
+        config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path} is not valid JSON ({e}): the run's config is damaged") from e
     apply_overrides(config, list(overrides))
+    return config
+
+
+def load_run(workdir: str | pathlib.Path, *, step: int | None = None, overrides: list[str] = ()) -> Run:
+    """The run written by jaxseg-train into `workdir` at `step` (default: the newest usable checkpoint),
+    with `overrides` applied to its config (`run_config`)."""
+    workdir = pathlib.Path(workdir)
+    config = run_config(workdir, overrides)
     parts = sections(config)
     method = methods.build(config, parts.data)
     mesh = parts.parallel.make_mesh()

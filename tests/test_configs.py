@@ -82,7 +82,6 @@ def test_weaktr_cams_pseudo_labels_and_clipped_retraining(tmp_path):
     Stage 2 clipped batches in every seed (17 of 600 in seed 0, the fewest); with the recipe's clipping
     start (1.2) it stayed at the prior in 4 of 5 seeds (0.186 0.125 0.125 0.125 0.125), which is how this
     test failed on other machines before `start_value` 0.6."""
-    import importlib.util
     data = f"data.data_dir={tmp_path / 'data'}"
     cam = _run("configs/weaktr/scenes_cam.py:runlocal", tmp_path / "cam", data)["val"]
     class_losses = _losses(tmp_path / "cam", "cls")
@@ -90,9 +89,8 @@ def test_weaktr_cams_pseudo_labels_and_clipped_retraining(tmp_path):
     assert len(cam["cam_miou_curve"]) == len(cam["thresholds"])
     assert cam["cam_miou"] > 0.20, cam
 
-    spec = importlib.util.spec_from_file_location("make_pseudo_labels", "tools/make_pseudo_labels.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from jaxseg.cli import pseudo_labels as tool
+
     build = next((tmp_path / "data" / "jaxseg_scenes").iterdir()).name
     assert tool.main(["--checkpoint", str(tmp_path / "cam"), "--data_dir", str(tmp_path / "data"),
                       "--dataset", f"jaxseg_scenes/{build}", "--out_dir", str(tmp_path / "pseudo")]) == 0

@@ -16,6 +16,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from jaxseg.convert import WeightConversionError, from_timm, load_state_dict, to_timm
 from jaxseg.convert.params_io import load_params, save_params
 from jaxseg.models.vit import ViT
+from jaxseg.testing.limits import hang_guard
 from jaxseg.testing.references.timm_vit import random_timm_vit, rel_err, run_timm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def test_convert_cli_writes_loadable_params_and_never_overwrites(tmp_path, suffi
     cmd = [sys.executable, str(ROOT / "tools" / "convert_weights.py"), "--input",
            str(tmp_path / "w.safetensors"), "--output", str(out), "--num-heads", "4",
            "--patch-size", "16", "--image-size", "64"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_guard(300))
     assert proc.returncode == 0, proc.stderr
     config, params = load_params(out)
     expected_config, expected = from_timm(model.state_dict(), num_heads=4, patch_size=16, image_size=64)
@@ -183,10 +184,10 @@ def test_convert_cli_writes_loadable_params_and_never_overwrites(tmp_path, suffi
         np.testing.assert_array_equal(np.asarray(_flat(params)[key]), value, err_msg=key)
 
     before = sorted(p.name for p in tmp_path.iterdir())
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and "already exists" in again.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_guard(300))
+    assert again.returncode == 2 and "already exists" in again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    replaced = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=300)
+    replaced = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, timeout=hang_guard(300))
     assert replaced.returncode == 0, replaced.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no staging leftovers
 

@@ -5,7 +5,6 @@ outputs. Also stage 1's initialisation: a timm DeiT with its class token repeate
 config's encoder."""
 import importlib.util
 import pathlib
-import sys
 
 import flax
 import jax
@@ -15,6 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from jaxseg.cli import convert_weights
 from jaxseg.convert import WeightConversionError, from_official_weaktr, from_timm, load_state_dict, to_timm
 from jaxseg.convert.params_io import load_params
 from jaxseg.models.weaktr import WeakTr
@@ -23,8 +23,6 @@ from jaxseg.testing.references.weaktr import TINY, random_torch_weaktr
 from jaxseg.train.checkpoint import load_init_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import convert_weights  # noqa: E402
 
 IMAGES = np.random.default_rng(3).standard_normal((2, 40, 48, 3)).astype(np.float32)  # 5 x 6 grid
 
@@ -118,7 +116,7 @@ def test_convert_cli_detects_the_weaktr_layout(weaktr, tmp_path):
     for key, value in flax.traverse_util.flatten_dict(expected, sep="/").items():
         np.testing.assert_array_equal(np.asarray(flat[key]), value, err_msg=key)
     assert convert_weights.main(["--input", str(tmp_path / "checkpoint.pth"), "--output",
-                                 str(tmp_path / "weaktr_orbax")]) == 1
+                                 str(tmp_path / "weaktr_orbax")]) == 2
 
 
 # A timm DeiT of the runlocal WeakTr configs' encoder size (`config_lib.TINY_ENCODER`), on a 4 x 4 grid.
@@ -173,7 +171,7 @@ def test_class_tokens_from_a_distilled_or_multi_token_vit_are_refused(tmp_path, 
     safetensors.torch.save_file(distilled.state_dict(), tmp_path / "distilled.safetensors")
     assert convert_weights.main(["--input", str(tmp_path / "distilled.safetensors"), "--output",
                                  str(tmp_path / "out.msgpack"), "--num-heads", "2",
-                                 "--num-cls-tokens", "20"]) == 1
+                                 "--num-cls-tokens", "20"]) == 2
     assert "dist_token" in capsys.readouterr().err and not (tmp_path / "out.msgpack").exists()
 
     deit = random_timm_vit("deit_small_patch16_224", DEIT_TINY).state_dict()

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from jaxseg.data.pipeline import train_dataset
+from jaxseg.testing.limits import hang_guard
 
 HERE = pathlib.Path(__file__).resolve().parent
 CHECK = HERE / "multihost_check.py"
@@ -40,7 +41,7 @@ TOLERANCE = 1e-5
 # Seconds: guards against a hang (a process waiting forever for a collective), not a speed limit: about
 # 10x what the two processes and the reference take on 2 cores with a cold compilation cache (~80 s,
 # ~40 s), so that a loaded machine never fails the test by being slow.
-WORKERS_TIMEOUT, REFERENCE_TIMEOUT = 900, 600
+WORKERS_TIMEOUT, REFERENCE_TIMEOUT = hang_guard(900), hang_guard(600)
 
 # Variables by which a process could find a cluster or coordinator to join (jax/_src/clusters).
 _CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "KUBERNETES_", "JAXSEG_",
@@ -196,7 +197,7 @@ def test_checkpoint_holds_each_process_data_state_and_resumes_exactly(runs, mesh
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=HERE, env=_env(**env), capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=hang_guard(60))
 
 
 def test_initialize_without_coordinator_or_cluster_is_a_single_process():

@@ -13,6 +13,7 @@ import pytest
 from jaxseg import parallel
 from jaxseg.data.pipeline import train_dataset
 from jaxseg.evaluate import host_slices
+from jaxseg.testing.limits import hang_guard
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCE = [{"image": np.full((4, 4, 3), i, np.uint8), "index": np.int32(i)} for i in range(23)]
@@ -108,7 +109,7 @@ def test_multiworker_batches_match_single_process(tmp_path):
     out = tmp_path / "batches.npz"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(HERE / "multiworker_check.py"), "--out", str(out)], env=env,
-                          cwd=HERE, capture_output=True, text=True, timeout=300)
+                          cwd=HERE, capture_output=True, text=True, timeout=hang_guard(300))
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = np.load(out)
     main_pid = int(runs["main_pid"])

@@ -3,7 +3,7 @@ overlays `train_and_evaluate` writes, on tiny runs of the three methods trained 
 numbers are those of nearly untrained models: the tests check plumbing and file formats). Expected
 predictions come from the per-image reference forms of each scheme (`jaxseg.testing.per_image`,
 `jaxseg.wsss.cam`), so the batched canvases of the evaluator are checked too."""
-import importlib.util
+import importlib
 import json
 import pathlib
 import subprocess
@@ -19,8 +19,17 @@ from jaxseg.inference.mask_classification import panoptic_segments, semantic_sco
 from jaxseg.ops.image import normalize
 from jaxseg.runs import load_run
 from jaxseg.testing import per_image
+from jaxseg.testing.limits import hang_guard
 from jaxseg.train.main import train_and_evaluate
-from jaxseg.visualize import PredictionWriter, label_png, overlay, panoptic_overlay, panoptic_png, voc_palette
+from jaxseg.visualize import (
+    PredictionWriter,
+    label_png,
+    legend_height,
+    overlay,
+    panoptic_overlay,
+    panoptic_png,
+    voc_palette,
+)
 from jaxseg.wsss.cam import image_cams, pseudo_label
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,10 +79,7 @@ def _expected(run, image: np.ndarray, labels: np.ndarray | None = None) -> dict:
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"jaxseg_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"jaxseg.cli.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +129,17 @@ def test_predict_writes_what_the_per_image_scheme_gives(trained, images, tmp_pat
         semantic = Image.open(out / f"{stem}_semantic.png")
         assert semantic.mode == "P"
         np.testing.assert_array_equal(np.asarray(semantic), expected["semantic"])
-        assert Image.open(out / f"{stem}_overlay.png").size == (32, 40)
+        # Enlarged 8 times to a 256 px short side, the legend of the present classes below.
+        present = set(np.unique(expected["semantic"]).tolist()) - {255}
+        assert Image.open(out / f"{stem}_overlay.png").size == (256, 320 + legend_height(len(present), 256))
         if name == "eomt":  # the scenes EoMT is panoptic
             panoptic = _decode_panoptic(Image.open(out / f"{stem}_panoptic.png"))
             np.testing.assert_array_equal(panoptic, expected["panoptic"])
             segments = json.loads((out / f"{stem}_segments.json").read_text())
             assert sorted(s["id"] for s in segments) == sorted(set(np.unique(panoptic)) - {0})
             assert all(expected["categories"][s["id"]] == s["category_id"] for s in segments)
-            assert Image.open(out / f"{stem}_panoptic_overlay.png").size == (32, 40)
+            legend = legend_height(len({s["category_id"] for s in segments}), 256)
+            assert Image.open(out / f"{stem}_panoptic_overlay.png").size == (256, 320 + legend)
         cams = {int(p.stem.rsplit("_", 1)[1]) for p in out.glob(f"{stem}_cam_*.png")}
         if name == "weaktr":  # no labels: the classes the model predicts present
             assert cams == set(np.flatnonzero(expected["present"]))
@@ -162,12 +171,12 @@ def test_predict_refuses_to_overwrite_and_names_bad_images(trained, images, tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert predict.main(["--workdir", str(run), "--images", str(images), "--out_dir", str(out)]) == 1
+    assert predict.main(["--workdir", str(run), "--images", str(images), "--out_dir", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    assert predict.main(["--workdir", str(run), "--images", str(bad), "--out_dir", str(tmp_path / "b")]) == 1
+    assert predict.main(["--workdir", str(run), "--images", str(bad), "--out_dir", str(tmp_path / "b")]) == 2
     assert f"cannot read image {bad}" in capsys.readouterr().err
 
     assert predict.main(["--workdir", str(run), "--dataset_split", "validation", "--limit", "1",
@@ -184,7 +193,7 @@ def test_predict_refuses_to_overwrite_and_names_bad_images(trained, images, tmp_
 def test_eval_tool_reports_what_the_evaluator_gives(trained):
     run = trained("segmenter")
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "--workdir", str(run)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=hang_guard(300), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = json.loads((run / "eval_val_validation_step2.json").read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {k: v for k, v in written.items()
@@ -196,7 +205,7 @@ def test_eval_tool_reports_what_the_evaluator_gives(trained):
     assert written == dict(trained_results, step=2, split="validation", eval="val")
 
     evaluate_run = _tool("eval").evaluate_run
-    with pytest.raises(FileExistsError, match="eval_val_validation_step2.json"):
+    with pytest.raises(ValueError, match="eval_val_validation_step2.json"):
         evaluate_run(run)
     with pytest.raises(ValueError, match="the model is the checkpoint's"):
         evaluate_run(run, overrides=["model.num_classes=3"], overwrite=True)

@@ -84,7 +84,7 @@ def test_unprepared_dataset_says_how_to_build_it(tmp_path):
 
 
 def test_make_dataset_prepares_an_official_dataset(manual_dirs, tmp_path, capsys):
-    from tools import make_dataset
+    from jaxseg.cli import make_dataset
 
     args = ["cityscapes", "--manual_dir", str(manual_dirs / "jaxseg_cityscapes"), "--data_dir", str(tmp_path),
             "--workers", "1"]
@@ -93,5 +93,5 @@ def test_make_dataset_prepares_an_official_dataset(manual_dirs, tmp_path, capsys
     assert make_dataset.main(args) == 0 and "already built" in capsys.readouterr().out
     assert len(manual_sources("jaxseg_cityscapes", tmp_path, ["train"])["train"]) == 3
     missing = ["voc", "--manual_dir", str(tmp_path / "nowhere"), "--data_dir", str(tmp_path / "voc")]
-    assert make_dataset.main(missing) == 1
+    assert make_dataset.main(missing) == 2
     assert "nowhere" in capsys.readouterr().err

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from jaxseg.testing.limits import hang_guard
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -20,7 +22,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 def results():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(HERE / "sharding_check.py")], env=env, cwd=HERE,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=hang_guard(600))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

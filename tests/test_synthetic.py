@@ -12,6 +12,7 @@ import scipy.ndimage
 
 from jaxseg.data import synthetic
 from jaxseg.data.synthetic import SceneConfig, categories, generate_scene
+from jaxseg.testing.limits import hang_guard
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMALL = SceneConfig(image_size=64)
@@ -274,7 +275,7 @@ runpy.run_path({script!r}, run_name="__main__")
 def _cli(*args):
     code = _WITHOUT_TENSORFLOW.format(script=str(ROOT / "tools" / "make_dataset.py"))
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+                          timeout=hang_guard(120), cwd=ROOT)
 
 
 def test_make_dataset_cli(tmp_path):
@@ -294,10 +295,10 @@ def test_make_dataset_cli(tmp_path):
     other = ["scenes", "--data_dir", str(tmp_path), "--image_size", "32", "--num_train", "4",
              "--num_val", "3", "--workers", "1", "--name", "32px-6-3-seed0"]
     refused = _cli(*other)
-    assert refused.returncode == 1 and "num_train: 6 there, 4 requested" in refused.stderr
+    assert refused.returncode == 2 and "num_train: 6 there, 4 requested" in refused.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
     rebuilt = _cli(*other, "--overwrite")
     assert rebuilt.returncode == 0 and "train 4, validation 3" in rebuilt.stdout, rebuilt.stderr[-3000:]
 
     bad = _cli("scenes", "--data_dir", str(tmp_path), "--image_size", "8")
-    assert bad.returncode == 1 and "image_size must be an integer >= 16" in bad.stderr
+    assert bad.returncode == 2 and "image_size must be an integer >= 16" in bad.stderr

@@ -58,6 +58,26 @@ def test_resume_is_bit_exact(tmp_path):
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")  # identical curves, data order included
 
 
+def test_a_resume_after_a_kill_logs_each_step_once_and_says_where_it_resumed(tmp_path, capsys):
+    """Killed after logging step 15 with the last checkpoint at step 10 (the one at 15 is removed, as if the
+    kill came before it): the rerun replays 11-15, and the metrics log keeps each step once, equal to a
+    straight run; the console names the checkpoint, and the speed and ETA wait for a measured step."""
+    import shutil
+
+    _trainer(ToyMethod(), tmp_path / "a", total_steps=20, log_every=1, checkpoint_every=10).run()
+    _trainer(ToyMethod(), tmp_path / "b", total_steps=15, log_every=1, checkpoint_every=10).run()
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "15")
+    capsys.readouterr()
+    _trainer(ToyMethod(), tmp_path / "b", total_steps=20, log_every=1, checkpoint_every=10).run()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "train_metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"resumed from step 10 (checkpoint {(tmp_path / 'b' / 'checkpoints' / '10').absolute()})"
+    assert err[1].startswith("[===========>        ] 11/20  55% | -- steps/s, -- img/s, ETA --"), err[1]
+    assert "ETA 0:" in err[2], err[2]
+
+
 def test_non_finite_loss_stops_with_the_step_and_saves_the_batch(tmp_path):
     with pytest.raises(NonFiniteLossError, match="at step 3"):
         _trainer(ToyMethod(nan_at_step=3), tmp_path, total_steps=10, log_every=1).run()
@@ -105,3 +125,4 @@ def test_init_checkpoint_of_another_model_names_the_differences(tmp_path):
 def test_progress_line_shows_rate_and_eta():
     assert progress_line(120, 300, 3.1, 24.8) == (
         "[========>           ] 120/300  40% | 3.10 steps/s, 24.8 img/s, ETA 0:00:58")
+    assert progress_line(1, 300, None, None) == "[>                   ] 1/300   0% | -- steps/s, -- img/s, ETA --"

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from jaxseg.testing.limits import hang_guard
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -19,7 +21,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 def test_sharded_steps_equal_one_device():
     proc = subprocess.run([sys.executable, str(HERE / "trainer_sharding_check.py")],
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=HERE, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=hang_guard(900))
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     print(results)

@@ -12,6 +12,7 @@ import torch
 
 from jaxseg.convert.timm import abstract_params, to_timm
 from jaxseg.models.vit import ViT, vit_config
+from jaxseg.testing.limits import hang_guard
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,7 @@ except ImportError as e:
     assert "needs PyTorch" in str(e), e
 print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=hang_guard(300))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
 

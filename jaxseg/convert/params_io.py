@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.config import module_settings
+from jaxseg.errors import UserError
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -53,7 +54,7 @@ def save_params(path: str | os.PathLike, config: Mapping[str, Any], params: Any,
     path = pathlib.Path(path).absolute()
     fmt = fmt or format_for(path)
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise UserError(f"format must be one of {FORMATS}, got {fmt!r}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another output or pass overwrite=True "
                               f"(--overwrite)")
@@ -95,10 +96,10 @@ def load_params(path: str | os.PathLike) -> tuple[dict, Any]:
             payload = flax.serialization.msgpack_restore(path.read_bytes())
             return _parse_config(payload["config"]), payload["params"]
         except Exception as e:
-            raise ValueError(f"{path} is not a jaxseg msgpack params file: {e}") from e
+            raise UserError(f"{path} is not a jaxseg msgpack params file: {e}") from e
     if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
-        raise ValueError(f"{path} is not a jaxseg orbax params directory: expected {CONFIG_FILE} and "
-                         f"{PARAMS_DIR}/ inside")
+        raise UserError(f"{path} is not a jaxseg orbax params directory: expected {CONFIG_FILE} and "
+                        f"{PARAMS_DIR}/ inside")
     import orbax.checkpoint as ocp
 
     from jaxseg.convert.timm import abstract_params

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.convert.state_dict import WeightConversionError, shape_diff, unwrap
+from jaxseg.errors import UserError
 from jaxseg.models.vit import ViT
 from jaxseg.ops.posemb import resample_patch_kernel, resample_posemb
 
@@ -256,8 +257,8 @@ def _from_timm_tensors(sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) 
 def _target_config(source: dict, overrides: dict) -> dict:
     unknown = set(overrides) - set(_STRUCTURAL) - set(_ADJUSTABLE)
     if unknown:
-        raise ValueError(f"unknown from_timm option(s) {sorted(unknown)}; valid: "
-                         f"{sorted(_STRUCTURAL + _ADJUSTABLE)}")
+        raise UserError(f"unknown from_timm option(s) {sorted(unknown)}; valid: "
+                        f"{sorted(_STRUCTURAL + _ADJUSTABLE)}")
     for key in _STRUCTURAL:
         if key in overrides and overrides[key] != source[key]:
             raise WeightConversionError(f"the state dict fixes {key}={source[key]!r}; cannot convert "
@@ -276,10 +277,10 @@ def _target_config(source: dict, overrides: dict) -> dict:
         size = overrides["image_size"]
         size = (size, size) if isinstance(size, int) else tuple(size)
         if size[0] % patch or size[1] % patch:
-            raise ValueError(f"image_size {size} is not divisible by patch_size {patch}")
+            raise UserError(f"image_size {size} is not divisible by patch_size {patch}")
         if "posemb_grid" in overrides and tuple(overrides["posemb_grid"]) != (size[0] // patch,
                                                                            size[1] // patch):
-            raise ValueError(f"image_size {size} and posemb_grid {overrides['posemb_grid']} disagree")
+            raise UserError(f"image_size {size} and posemb_grid {overrides['posemb_grid']} disagree")
         target["posemb_grid"] = (size[0] // patch, size[1] // patch)
     target["posemb_grid"] = tuple(int(g) for g in target["posemb_grid"])
     return target

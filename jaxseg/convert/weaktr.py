@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxseg.convert.state_dict import WeightConversionError, shape_diff, unwrap
 from jaxseg.convert.timm import from_timm
+from jaxseg.errors import UserError
 from jaxseg.models.weaktr import FUSIONS, WeakTr
 
 _AAF = "adaptive_attention_fusion."
@@ -74,7 +75,7 @@ def from_official_weaktr(state_dict: Mapping[str, Any], *, num_heads: int | None
                                     "(1, C + P, D)")
     fusion = fusion or ("aaf" if any(k.startswith(_AAF) for k in sd) else "mctformer")
     if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        raise UserError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
     num_classes = sd["cls_token"].shape[1]
     num_patches = sd["pos_embed"].shape[1] - num_classes
     if source_grid is None and (num_patches <= 0 or math.isqrt(num_patches) ** 2 != num_patches):

@@ -17,6 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from jaxseg.config import check_rules, setting
+from jaxseg.errors import UserError
+
 # Label spaces of a dataset's dense labels: "categories" (category ids; for weak supervision the first C
 # categories are the foreground, as the scenes' things and COCO's 80 things) or "wsss" (0 background,
 # c + 1 foreground class c, as VOC).
@@ -35,7 +38,7 @@ def manual_builder(name: str, data_dir: str | pathlib.Path, manual_dir: str | pa
                    **kwargs):
     """The builder of a manual-download dataset (`kwargs`: e.g. `num_workers`)."""
     if name not in MANUAL_BUILDERS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {sorted(['jaxseg_scenes', *MANUAL_BUILDERS])}")
+        raise UserError(f"unknown dataset {name!r}; valid: {sorted(['jaxseg_scenes', *MANUAL_BUILDERS])}")
     module, cls = MANUAL_BUILDERS[name]
     return getattr(importlib.import_module(module), cls)(data_dir=str(data_dir), manual_dir=manual_dir, **kwargs)
 
@@ -45,8 +48,8 @@ def manual_sources(name: str, data_dir: str | pathlib.Path, splits: Sequence[str
     """{split: random-access source} of a manual-download dataset prepared in `data_dir`; prepared from
     `manual_dir` first when given and not yet there."""
     if not data_dir:
-        raise ValueError(f"dataset {name!r} needs data.data_dir, the TFDS data directory it is (or is "
-                         f"to be) prepared in")
+        raise UserError(f"dataset {name!r} needs data.data_dir, the TFDS data directory it is (or is "
+                        f"to be) prepared in")
     builder = manual_builder(name, data_dir, manual_dir or None)
     if not builder.is_prepared():
         if not manual_dir:
@@ -58,7 +61,7 @@ def manual_sources(name: str, data_dir: str | pathlib.Path, splits: Sequence[str
     available = sorted(builder.info.splits)
     missing = sorted(set(splits) - set(available))
     if missing:
-        raise ValueError(f"dataset {name} has no split(s) {missing}; valid: {available}")
+        raise UserError(f"dataset {name} has no split(s) {missing}; valid: {available}")
     return {split: builder.as_data_source(split=split) for split in splits}
 
 
@@ -109,27 +112,28 @@ class PseudoLabelSource:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """A config's `data` section. `image_size`, `num_train`, `num_val`, `hue_spread` and
-    `saturation_range` describe a generated-scenes build (`jaxseg.data.builders.scenes`); `manual_dir`
-    the official downloads of the other datasets; `ground_truth` the label space of the dense labels
-    (`LABEL_SPACES`)."""
+    `saturation_range` describe a generated-scenes build (`jaxseg.data.builders.scenes`; None for the
+    other datasets); `manual_dir` the official downloads of the other datasets; `ground_truth` the label
+    space of the dense labels (`LABEL_SPACES`)."""
     name: str
     train_split: str = "train"
     data_dir: str = ""
     manual_dir: str = ""
     ground_truth: str = "categories"
     pseudo_labels_dir: str = ""
-    image_size: int = 64
-    num_train: int = 400
-    num_val: int = 48
-    hue_spread: float | None = None
-    saturation_range: tuple[float, float] | None = None
+    image_size: int | None = setting(64, ">= 1")
+    num_train: int | None = setting(400, ">= 1")
+    num_val: int | None = setting(48, ">= 1")
+    hue_spread: float | None = setting(None, "in [0, 1]")
+    saturation_range: tuple[float, float] | None = setting(None, "in [0, 1]")
 
     def __post_init__(self):
+        check_rules(self)
         if self.ground_truth not in LABEL_SPACES:
-            raise ValueError(f"data.ground_truth must be one of {LABEL_SPACES}, got {self.ground_truth!r}")
+            raise UserError(f"data.ground_truth must be one of {LABEL_SPACES}, got {self.ground_truth!r}")
         valid = sorted(["jaxseg_scenes", *MANUAL_BUILDERS])
         if self.name not in valid:
-            raise ValueError(f"unknown dataset data.name={self.name!r}; valid: {valid}")
+            raise UserError(f"unknown dataset data.name={self.name!r}; valid: {valid}")
 
     def sources(self, splits: Sequence[str], workdir: str | pathlib.Path) -> dict:
         """{split: random-access source}; the training split with the pseudo-labels where configured."""
@@ -142,17 +146,43 @@ class DataConfig:
             sources[self.train_split] = PseudoLabelSource(sources[self.train_split], self.pseudo_labels_dir)
         return sources
 
+    def class_names(self, label_space: str | None = None) -> list[str] | None:
+        """The class names indexed by class id in `label_space` (default `ground_truth`, the space of the
+        dataset's labels, which EoMT predicts); None for datasets that store no names (ADE20K, COCO
+        panoptic). WeakTr and Segmenter predict in "wsss": 0 "background", then c + 1 the c-th category, of
+        which only the model's C foreground classes (the first C) are ever predicted."""
+        if label_space is None:
+            label_space = self.ground_truth
+        if label_space not in LABEL_SPACES:
+            raise UserError(f"label space must be one of {LABEL_SPACES}, got {label_space!r}")
+        if self.name == "jaxseg_scenes":
+            from jaxseg.data.synthetic import categories
+
+            names = [category["name"] for category in categories(self._scenes_config().scene)]
+        elif self.name == "jaxseg_voc":
+            from jaxseg.data.builders.voc import CLASS_NAMES as names
+        elif self.name == "jaxseg_cityscapes":
+            from jaxseg.data.builders.cityscapes import CLASS_NAMES as names
+        else:
+            return None
+        return ["background", *names] if label_space == "wsss" else list(names)
+
+    def _scenes_config(self):
+        from jaxseg.data.builders.scenes import scenes_config
+
+        return scenes_config(image_size=self.image_size, num_train=self.num_train, num_val=self.num_val,
+                             hue_spread=self.hue_spread, saturation_range=self.saturation_range)
+
     def _scenes(self, splits: Sequence[str], data_dir: pathlib.Path) -> dict:
         import tensorflow_datasets as tfds
 
-        from jaxseg.data.builders.scenes import JaxsegScenes, scenes_config
+        from jaxseg.data.builders.scenes import JaxsegScenes
 
-        config = scenes_config(image_size=self.image_size, num_train=self.num_train, num_val=self.num_val,
-                               hue_spread=self.hue_spread, saturation_range=self.saturation_range)
+        config = self._scenes_config()
         JaxsegScenes(config=config, data_dir=data_dir).download_and_prepare(file_format="array_record")
         valid = ("train", "validation")
         unknown = sorted(set(splits) - set(valid))
         if unknown:
-            raise ValueError(f"dataset jaxseg_scenes has no split(s) {unknown}; valid: {list(valid)}")
+            raise UserError(f"dataset jaxseg_scenes has no split(s) {unknown}; valid: {list(valid)}")
         return {split: tfds.data_source(f"jaxseg_scenes/{config.name}", data_dir=data_dir, split=split)
                 for split in splits}

@@ -14,12 +14,14 @@ import grain
 import jax
 import numpy as np
 
+from jaxseg.errors import UserError
+
 
 def _hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
-        raise ValueError(f"process_index {index} is not in 0..{count - 1}")
+        raise UserError(f"process_index {index} is not in 0..{count - 1}")
     return index, count
 
 
@@ -33,7 +35,7 @@ def train_dataset(source: Sequence[dict], transform: Callable[[dict, np.random.G
     workers (`worker_count > 0`) need absl flags parsed in the main process (`absl.app.run`).
     """
     if len(source) == 0:
-        raise ValueError("the training source is empty")
+        raise UserError("the training source is empty")
     index, count = _hosts(process_index, process_count)
     # random_map before the host slice: each element's generator follows from its global position, so
     # hosts draw different augmentations and a run's augmentation does not depend on the host count.

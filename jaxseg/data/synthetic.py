@@ -39,6 +39,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxseg.errors import UserError
+
 THING_SHAPES = ("disc", "triangle", "star", "cross", "ring", "crescent", "square", "capsule")
 # Each stuff class is named after its texture.
 STUFF_TEXTURES = ("clouds", "water", "grass", "bricks", "marble")
@@ -92,7 +94,7 @@ class SceneConfig:
     def __post_init__(self):
         def check(ok: bool, message: str):
             if not ok:
-                raise ValueError(f"SceneConfig: {message}")
+                raise UserError(f"SceneConfig: {message}")
 
         def is_int(value) -> bool:  # Python ints only: the config must serialise to JSON
             return isinstance(value, int) and not isinstance(value, bool)
@@ -216,7 +218,7 @@ def _texture(pattern: str, u, v, period: float, rng: np.random.Generator) -> np.
         return np.clip(mortar - 0.5, 0, 1)
     if pattern == "marble":
         return _wave(x + 1.5 * _value_noise(rng, u, v, 3 * period))
-    raise ValueError(f"unknown texture pattern {pattern!r}")
+    raise UserError(f"unknown texture pattern {pattern!r}")
 
 
 def _hsv_to_rgb(h, s, v) -> np.ndarray:
@@ -289,7 +291,7 @@ def _shape_distance(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.maximum(rho - 1, 0.8 - np.hypot(x - 0.45, y))
     if shape == "capsule":
         return np.hypot(x - np.clip(x, -0.6, 0.6), y) - 0.4
-    raise ValueError(f"unknown shape {shape!r}")
+    raise UserError(f"unknown shape {shape!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,7 +401,7 @@ def generate_scene(config: SceneConfig, index: int) -> dict:
        "labels": (K,) uint8 multi-hot}.
     """
     if not isinstance(index, (int, np.integer)) or index < 0:
-        raise ValueError(f"scene index must be an integer >= 0, got {index!r}")
+        raise UserError(f"scene index must be an integer >= 0, got {index!r}")
     rng = np.random.default_rng([config.seed, int(index)])
     # Pixel centres, float32: the whole scene is computed in single precision.
     py, px = np.mgrid[:config.image_size, :config.image_size].astype(np.float32) + 0.5

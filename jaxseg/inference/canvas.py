@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
 from jaxseg.inference.semantic import strided_anchors, window_starts
 from jaxseg.ops.resize import apply_matrix, padded_matrix, resize
 
@@ -33,8 +34,8 @@ def image_canvas(image: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
     """A uint8 (H, W, 3) image in the top-left corner of a zero canvas."""
     image = np.asarray(image)
     if image.shape[0] > canvas[0] or image.shape[1] > canvas[1]:
-        raise ValueError(f"a {image.shape[0]}x{image.shape[1]} image does not fit the {canvas[0]}x{canvas[1]} "
-                         "prediction canvas (set the predictor's canvas to the largest image size)")
+        raise UserError(f"a {image.shape[0]}x{image.shape[1]} image does not fit the {canvas[0]}x{canvas[1]} "
+                        "prediction canvas (set the predictor's canvas to the largest image size)")
     out = np.zeros(tuple(canvas) + image.shape[2:], image.dtype)
     out[:image.shape[0], :image.shape[1]] = image
     return out
@@ -94,8 +95,8 @@ def sliding_inputs(image: np.ndarray, crop: int, canvas: int, max_windows: int) 
     size = (round(short * scale), round(long * scale))
     starts = window_starts(size[1], crop)
     if len(starts) > max_windows:
-        raise ValueError(f"a {short}x{long} image needs {len(starts)} windows of {crop} px, more than the "
-                         f"predictor's max_windows={max_windows}")
+        raise UserError(f"a {short}x{long} image needs {len(starts)} windows of {crop} px, more than the "
+                        f"predictor's max_windows={max_windows}")
     length = crop * max_windows
     return {"image": image_canvas(image, (canvas, canvas)), "tall": np.bool_(tall),
             "rows_in": padded_matrix(short, size[0], canvas, crop, antialias=True),
@@ -177,8 +178,8 @@ def multiscale_flip_inputs(image: np.ndarray, ratios: Sequence[float], *, base: 
         size, upscaled = _scaled_size(height, width, ratio, base, window)
         final = upscaled or size
         if final[0] > max_scaled[0] or final[1] > max_scaled[1]:
-            raise ValueError(f"a {height}x{width} image scales to {final[0]}x{final[1]} at ratio {ratio}, more "
-                             f"than the predictor's plane {max_scaled[0]}x{max_scaled[1]}")
+            raise UserError(f"a {height}x{width} image scales to {final[0]}x{final[1]} at ratio {ratio}, more "
+                            f"than the predictor's plane {max_scaled[0]}x{max_scaled[1]}")
         rows = padded_matrix(height, size[0], canvas[0], max_scaled[0], antialias=True).astype(np.float64)
         if upscaled:
             rows = padded_matrix(size[0], final[0], max_scaled[0], max_scaled[0]) @ rows

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxseg.errors import UserError
+
 Array = jax.Array
 
 
@@ -47,7 +49,7 @@ def panoptic_segments(class_logits: Array, mask_logits: Array, is_thing: Sequenc
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
     is_thing = jnp.asarray(is_thing, bool)
     if is_thing.shape != (num_classes,):
-        raise ValueError(f"is_thing must have one entry per class ({num_classes}), got {is_thing.shape}")
+        raise UserError(f"is_thing must have one entry per class ({num_classes}), got {is_thing.shape}")
     probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
     scores, labels = probs.max(-1), probs.argmax(-1)
     keep = (labels != num_classes) & (scores > score_threshold)

@@ -20,6 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxseg.errors import UserError
+
 Array = jax.Array
 
 
@@ -50,7 +52,7 @@ def gradient_clipping_loss(logits: Array, labels: Array, *, patch_size: int = 12
     gate the loss is plain mean CE and the mask is all True.
     """
     if logits.ndim != 4 or labels.shape != logits.shape[:3]:
-        raise ValueError(f"logits must be (B, H, W, K) and labels (B, H, W); got {logits.shape}, {labels.shape}")
+        raise UserError(f"logits must be (B, H, W, K) and labels (B, H, W); got {logits.shape}, {labels.shape}")
     loss = pixel_cross_entropy(logits, labels, ignore_index)
     detached = jax.lax.stop_gradient(loss)
     global_mean = detached.mean()

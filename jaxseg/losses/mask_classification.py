@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxseg.config import check_rules, setting
+from jaxseg.errors import UserError
 from jaxseg.matching import Matching, match
 from jaxseg.ops.point_sample import importance_point_counts, point_sample, select_uncertain_points
 
@@ -30,14 +32,20 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class SetLossConfig:
-    num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
-    no_object_weight: float = 0.1
-    class_weight: float = 2.0
-    mask_weight: float = 5.0
-    dice_weight: float = 5.0
+    """The set loss of Mask2Former / EoMT: `num_points` sampled per mask (the uncertain
+    `importance_sample_ratio` of them chosen among `oversample_ratio` x as many candidates), the weights of
+    the class, mask (BCE) and dice terms and of the "no object" class, and the `matcher` of `match`."""
+    num_points: int = setting(12544, ">= 1")
+    oversample_ratio: float = setting(3.0, ">= 1")
+    importance_sample_ratio: float = setting(0.75, "in [0, 1]")
+    no_object_weight: float = setting(0.1, "finite and >= 0")
+    class_weight: float = setting(2.0, "finite and >= 0")
+    mask_weight: float = setting(5.0, "finite and >= 0")
+    dice_weight: float = setting(5.0, "finite and >= 0")
     matcher: str = "hungarian"
+
+    def __post_init__(self):
+        check_rules(self)
 
 
 class Targets(NamedTuple):
@@ -140,12 +148,12 @@ def set_loss(class_logits: Array, mask_logits: Array, targets: Targets, key: Arr
       (scalar loss, {"mask", "dice", "class": (L,) unweighted terms per layer}).
     """
     if class_logits.ndim != 4 or mask_logits.ndim != 5:
-        raise ValueError(f"expected stacked predictions (L, B, Q, K+1) and (L, B, Q, h, w), got "
-                         f"{class_logits.shape} and {mask_logits.shape}")
+        raise UserError(f"expected stacked predictions (L, B, Q, K+1) and (L, B, Q, h, w), got "
+                        f"{class_logits.shape} and {mask_logits.shape}")
     if targets.masks.ndim != 4 or targets.labels.shape != targets.masks.shape[:2] or \
             targets.valid.shape != targets.labels.shape:
-        raise ValueError(f"targets must be masks (B, G, H, W), labels and valid (B, G); got "
-                         f"{targets.masks.shape}, {targets.labels.shape}, {targets.valid.shape}")
+        raise UserError(f"targets must be masks (B, G, H, W), labels and valid (B, G); got "
+                        f"{targets.masks.shape}, {targets.labels.shape}, {targets.valid.shape}")
     batch, num_targets = targets.labels.shape
     per_layer = []
     for layer, layer_key in enumerate(jax.random.split(key, class_logits.shape[0])):

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxseg.errors import UserError
+
 Array = jax.Array
 
 
@@ -12,7 +14,7 @@ def multilabel_soft_margin(logits: Array, labels: Array) -> Array:
     """PyTorch's `MultiLabelSoftMarginLoss`: BCE-with-logits averaged over classes, then over the batch.
     logits (B, C), labels (B, C) multi-hot."""
     if logits.shape != labels.shape:
-        raise ValueError(f"logits {logits.shape} and labels {labels.shape} must have the same shape")
+        raise UserError(f"logits {logits.shape} and labels {labels.shape} must have the same shape")
     return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
                                               labels.astype(jnp.float32)).mean()
 

@@ -12,6 +12,7 @@ import ml_collections
 
 from jaxseg.config import construct
 from jaxseg.data.datasets import DataConfig
+from jaxseg.errors import UserError
 
 # name -> "module:class" of each method's dataclass (imported on use).
 METHODS = {
@@ -23,7 +24,7 @@ METHODS = {
 
 def method_class(name: str) -> type:
     if name not in METHODS:
-        raise ValueError(f"method.name {name!r} is not available; valid: {sorted(METHODS)}")
+        raise UserError(f"method.name {name!r} is not available; valid: {sorted(METHODS)}")
     module, cls = METHODS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 

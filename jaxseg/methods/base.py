@@ -9,7 +9,10 @@ import jax
 import numpy as np
 import optax
 
+from jaxseg.config import check_divisible
+from jaxseg.errors import UserError
 from jaxseg.metrics.accumulators import Metric
+from jaxseg.models.vit import ViT
 
 
 class Predictor(Protocol):
@@ -37,6 +40,9 @@ class Predictor(Protocol):
 
 
 class Method(Protocol):
+    # The label space (`jaxseg.data.datasets.LABEL_SPACES`) of the class ids the predictions hold.
+    label_space: str
+
     def init_params(self, rng: jax.Array) -> Any:
         """Parameters (may carry logical-axis boxes) from an rng; traced under `jax.eval_shape`."""
 
@@ -60,5 +66,11 @@ class Method(Protocol):
 def choose(kinds: dict, kind: str, what: str):
     """`kinds[kind]`, or an error naming `what` (e.g. "EoMT predictor") and the valid kinds."""
     if kind not in kinds:
-        raise ValueError(f"{what} {kind!r} is not available; valid: {sorted(kinds)}")
+        raise UserError(f"{what} {kind!r} is not available; valid: {sorted(kinds)}")
     return kinds[kind]
+
+
+def check_crop_fits_patches(crop_size: int, model: dict) -> None:
+    """A training crop is a whole number of the encoder's patches (the patch grid would drop the rest)."""
+    patch = model["encoder"].get("patch_size", ViT.patch_size)
+    check_divisible("method.crop_size", crop_size, patch, f"the model's patch size {patch}")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
 from jaxseg.metrics.instance import InstanceAccumulator, instance_stats
 from jaxseg.metrics.panoptic import panoptic_stats, pq_from_stats
 from jaxseg.metrics.semantic import confusion_matrix, miou_from_confusion
@@ -52,8 +53,8 @@ def pad_to(array: np.ndarray, canvas: tuple[int, int], fill) -> np.ndarray:
     """An (H, W, ...) array in the top-left corner of a `canvas`-sized one filled with `fill`."""
     array = np.asarray(array)
     if array.shape[0] > canvas[0] or array.shape[1] > canvas[1]:
-        raise ValueError(f"a {array.shape[0]}x{array.shape[1]} image does not fit the {canvas[0]}x{canvas[1]} "
-                         f"evaluation canvas")
+        raise UserError(f"a {array.shape[0]}x{array.shape[1]} image does not fit the {canvas[0]}x{canvas[1]} "
+                        f"evaluation canvas")
     out = np.full(tuple(canvas) + array.shape[2:], fill, array.dtype)
     out[:array.shape[0], :array.shape[1]] = array
     return out
@@ -108,8 +109,8 @@ class PanopticMetric(_Summed):
         segments = target["segments"]
         count = len(segments["category_id"])
         if count > self.max_segments:
-            raise ValueError(f"an image has {count} ground-truth segments, more than max_segments="
-                             f"{self.max_segments} of the panoptic metric")
+            raise UserError(f"an image has {count} ground-truth segments, more than max_segments="
+                            f"{self.max_segments} of the panoptic metric")
 
         def table(values, dtype):
             out = np.zeros(self.max_segments, dtype)
@@ -147,8 +148,8 @@ class InstanceMetric:
         segments = target["segments"]
         things = np.flatnonzero(np.asarray(segments["is_thing"], bool))
         if len(things) > self.max_instances:
-            raise ValueError(f"an image has {len(things)} ground-truth instances, more than max_instances="
-                             f"{self.max_instances} of the instance metric")
+            raise UserError(f"an image has {len(things)} ground-truth instances, more than max_instances="
+                            f"{self.max_instances} of the instance metric")
         masks = np.zeros((self.max_instances,) + tuple(canvas), bool)
         panoptic = np.asarray(target["panoptic"])
         for slot, segment in enumerate(things):
@@ -200,7 +201,7 @@ class CamSweepMetric(_Summed):
 
     def result(self) -> dict:
         if self.totals is None:
-            raise ValueError("the CAM sweep has no image")
+            raise UserError("the CAM sweep has no image")
         results = [miou_from_confusion(c) for c in self.totals["confusions"]]
         mious = [float(r["mean_iou"]) for r in results]
         best = int(np.nanargmax(mious))

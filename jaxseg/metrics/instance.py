@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
+
 # pycocotools' Params.setDetParams, built the same way so that the thresholds are the same doubles.
 IOU_THRESHOLDS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
 RECALL_THRESHOLDS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=True)
@@ -57,7 +59,7 @@ SUMMARY = (("AP", True, None, 0, 2), ("AP50", True, 0, 0, 2), ("AP75", True, 5, 
 def _table(name: str, table, length: int, kind: str) -> jax.Array:
     table = jnp.asarray(table)
     if table.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},), got {table.shape}")
+        raise UserError(f"{name} must have shape ({length},), got {table.shape}")
     if kind == "integer" and not jnp.issubdtype(table.dtype, jnp.integer):
         raise TypeError(f"{name} must hold integer classes, got dtype {table.dtype}")
     if kind == "float" and not jnp.issubdtype(table.dtype, jnp.floating):
@@ -91,13 +93,13 @@ def instance_stats(pred_masks: jax.Array, pred_classes: jax.Array, pred_scores: 
     pred_masks, gt_masks = jnp.asarray(pred_masks), jnp.asarray(gt_masks)
     for name, masks in (("pred_masks", pred_masks), ("gt_masks", gt_masks)):
         if masks.ndim != 3 or masks.dtype != jnp.bool_:
-            raise ValueError(f"{name} must be (instances, H, W) bool, got {masks.dtype} of shape "
-                             f"{masks.shape}")
+            raise UserError(f"{name} must be (instances, H, W) bool, got {masks.dtype} of shape "
+                            f"{masks.shape}")
     if pred_masks.shape[1:] != gt_masks.shape[1:]:
-        raise ValueError(f"pred_masks {pred_masks.shape} and gt_masks {gt_masks.shape} differ in H, W")
+        raise UserError(f"pred_masks {pred_masks.shape} and gt_masks {gt_masks.shape} differ in H, W")
     if pred_masks.shape[1] * pred_masks.shape[2] > 2 ** 24:
-        raise ValueError(f"masks of {pred_masks.shape[1:]} have more than 2**24 pixels: float32 "
-                         "intersection counts would not be exact")
+        raise UserError(f"masks of {pred_masks.shape[1:]} have more than 2**24 pixels: float32 "
+                        "intersection counts would not be exact")
     num_pred, num_gt = pred_masks.shape[0], gt_masks.shape[0]
     pred_valid = (jnp.ones(num_pred, bool) if pred_valid is None
                   else _table("pred_valid", pred_valid, num_pred, "any") != 0)
@@ -214,7 +216,7 @@ class InstanceAccumulator:
                                     ("gt_classes", stats["gt_classes"], gt_valid)):
             bad = used & ((classes < 0) | (classes >= self.num_categories))
             if bad.any():
-                raise ValueError(f"{name} of used slots must lie in [0, {self.num_categories}), "
+                raise UserError(f"{name} of used slots must lie in [0, {self.num_categories}), "
                                  f"found {np.unique(classes[bad])[:8].tolist()}")
         scores = stats["pred_scores"].astype(np.float64)
         record = {}
@@ -253,8 +255,8 @@ class InstanceAccumulator:
         """
         area_ranges = np.asarray(area_ranges, np.float64)
         if area_ranges.shape != (len(AREA_LABELS), 2):
-            raise ValueError(f"area_ranges must be {len(AREA_LABELS)} (lo, hi) pairs for "
-                             f"{AREA_LABELS}, got shape {area_ranges.shape}")
+            raise UserError(f"area_ranges must be {len(AREA_LABELS)} (lo, hi) pairs for "
+                            f"{AREA_LABELS}, got shape {area_ranges.shape}")
         num_t, num_r, num_a = IOU_THRESHOLDS.shape[0], RECALL_THRESHOLDS.shape[0], area_ranges.shape[0]
         precision = -np.ones((num_t, num_r, self.num_categories, num_a, len(MAX_DETS)))
         recall = -np.ones((num_t, self.num_categories, num_a, len(MAX_DETS)))

@@ -30,12 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
+
 
 def _as_table(name: str, table, length: int | None, *, integer: bool) -> jax.Array:
     table = jnp.asarray(table)
     if table.ndim != 1 or (length is not None and table.shape[0] != length):
         want = "(slots,)" if length is None else f"({length},)"
-        raise ValueError(f"{name} must be a {want} table, got shape {table.shape}")
+        raise UserError(f"{name} must be a {want} table, got shape {table.shape}")
     if integer and not jnp.issubdtype(table.dtype, jnp.integer):
         raise TypeError(f"{name} must hold integer category ids, got dtype {table.dtype}")
     return table
@@ -47,7 +49,7 @@ def _raise_if_out_of_range(name: str, values: np.ndarray, low: int, high: int,
     if checked is not None:
         bad &= checked
     if bad.any():
-        raise ValueError(f"{name} must lie in [{low}, {high}), found {np.unique(values[bad])[:8].tolist()}")
+        raise UserError(f"{name} must lie in [{low}, {high}), found {np.unique(values[bad])[:8].tolist()}")
 
 
 def _segment_map(ids: jax.Array, categories: jax.Array, used: jax.Array,
@@ -92,10 +94,10 @@ def panoptic_stats(pred_ids: jax.Array, pred_categories: jax.Array, gt_ids: jax.
     pred_ids, gt_ids = jnp.asarray(pred_ids), jnp.asarray(gt_ids)
     for name, ids in (("pred_ids", pred_ids), ("gt_ids", gt_ids)):
         if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an (H, W) integer segment-id map, got {ids.dtype} "
-                             f"of shape {ids.shape}")
+            raise UserError(f"{name} must be an (H, W) integer segment-id map, got {ids.dtype} "
+                            f"of shape {ids.shape}")
     if pred_ids.shape != gt_ids.shape:
-        raise ValueError(f"pred_ids {pred_ids.shape} and gt_ids {gt_ids.shape} differ in shape")
+        raise UserError(f"pred_ids {pred_ids.shape} and gt_ids {gt_ids.shape} differ in shape")
     pred_categories = _as_table("pred_categories", pred_categories, None, integer=True)
     gt_categories = _as_table("gt_categories", gt_categories, None, integer=True)
     num_pred, num_gt = pred_categories.shape[0], gt_categories.shape[0]
@@ -186,8 +188,8 @@ def pq_from_stats(stats: dict, is_thing) -> dict:
     iou_sum, tp, fp, fn = (np.asarray(stats[key], np.float64) for key in ("iou_sum", "tp", "fp", "fn"))
     is_thing = np.asarray(is_thing, bool)
     if not (iou_sum.ndim == 1 and iou_sum.shape == tp.shape == fp.shape == fn.shape == is_thing.shape):
-        raise ValueError(f"stats and is_thing must all be (K,), got iou_sum {iou_sum.shape}, tp {tp.shape},"
-                         f" fp {fp.shape}, fn {fn.shape}, is_thing {is_thing.shape}")
+        raise UserError(f"stats and is_thing must all be (K,), got iou_sum {iou_sum.shape}, tp {tp.shape},"
+                        f" fp {fp.shape}, fn {fn.shape}, is_thing {is_thing.shape}")
     present = tp + fp + fn > 0
     with np.errstate(invalid="ignore", divide="ignore"):  # absent categories become NaN on purpose
         denominator = np.where(present, tp + 0.5 * fp + 0.5 * fn, np.nan)

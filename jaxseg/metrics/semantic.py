@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
+
 
 def _check_integer(name: str, x: jax.Array) -> None:
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -28,7 +30,7 @@ def _raise_if_out_of_range(name: str, values: np.ndarray, counted: np.ndarray, n
                            allowed: str) -> None:
     bad = counted & ((values < 0) | (values >= num_classes))
     if bad.any():
-        raise ValueError(f"{name} must lie in {allowed}, found {np.unique(values[bad])[:8].tolist()}")
+        raise UserError(f"{name} must lie in {allowed}, found {np.unique(values[bad])[:8].tolist()}")
 
 
 def _counted(labels, weights, ignore_index):
@@ -68,14 +70,14 @@ def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int
     _check_integer("labels", labels)
     _check_integer("predictions", predictions)
     if labels.shape != predictions.shape:
-        raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} differ in shape")
+        raise UserError(f"labels {labels.shape} and predictions {predictions.shape} differ in shape")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
+        raise UserError(f"num_classes must be positive, got {num_classes}")
     if weights is not None:
         weights = jnp.asarray(weights)
         if labels.shape[:weights.ndim] != weights.shape:
-            raise ValueError(f"weights of shape {weights.shape} must match the leading axes of labels "
-                             f"{labels.shape}")
+            raise UserError(f"weights of shape {weights.shape} must match the leading axes of labels "
+                            f"{labels.shape}")
     if not any(isinstance(x, jax.core.Tracer) for x in (labels, predictions, weights)):
         # Called eagerly the values can be checked (on the host: no per-shape compilation).
         labels_np, predictions_np, weights_np = jax.device_get((labels, predictions, weights))
@@ -120,7 +122,7 @@ def miou_from_confusion(confusion) -> dict:
     """
     confusion = np.asarray(confusion)
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
-        raise ValueError(f"confusion matrix must be square (K, K), got shape {confusion.shape}")
+        raise UserError(f"confusion matrix must be square (K, K), got shape {confusion.shape}")
     confusion = confusion.astype(np.float64)
     true_positives = np.diag(confusion)
     gt_pixels, predicted_pixels = confusion.sum(1), confusion.sum(0)

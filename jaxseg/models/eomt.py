@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxseg.errors import UserError
 from jaxseg.models.initializers import torch_default, torch_dense
 from jaxseg.models.vit import ViT, vit_config
-from jaxseg.ops.image import normalize
+from jaxseg.ops.image import check_unit_range, normalize
 from jaxseg.ops.resize import resize
 
 Array = jax.Array
@@ -35,7 +36,7 @@ def eomt_config(size: str = "L", *, num_classes: int, num_queries: int = 200, im
                 patch_size: int = 16, **encoder_overrides) -> dict:
     """Keyword arguments of `EoMT` for the paper's DINOv2-with-registers backbones at patch 16."""
     if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        raise UserError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
     grid = image_size // patch_size
     encoder = vit_config(f"{size}/{patch_size}", "dinov2_reg", posemb_grid=(grid, grid), **encoder_overrides)
     return dict(encoder=encoder, num_classes=num_classes, num_queries=num_queries,
@@ -101,8 +102,8 @@ class EoMT(nn.Module):
       num_query_blocks: L2, the last blocks that see the queries.
       num_upscale_blocks: x2 upsampling blocks; default as the official model, max(1, log2(P) - 2)
         (2 for patch 16, i.e. stride 4).
-      normalize_input: inputs are RGB in [0, 1] and normalised with ImageNet mean/std inside the model
-        (as the official EoMT); False for already-normalised inputs.
+      normalize_input: inputs are RGB in [0, 1] (values outside are refused when not traced) and normalised
+        with ImageNet mean/std inside the model (as the official EoMT); False for already-normalised inputs.
     """
     encoder: dict
     num_classes: int
@@ -114,9 +115,9 @@ class EoMT(nn.Module):
     def setup(self):
         self.vit = ViT(**self.encoder, name="encoder")
         if not 0 < self.num_query_blocks <= self.vit.depth:
-            raise ValueError(f"num_query_blocks must be in 1..{self.vit.depth}, got {self.num_query_blocks}")
+            raise UserError(f"num_query_blocks must be in 1..{self.vit.depth}, got {self.num_query_blocks}")
         if not self.vit.final_norm:
-            raise ValueError("EoMT predicts from the ViT's final norm; the encoder needs final_norm=True")
+            raise UserError("EoMT predicts from the ViT's final norm; the encoder needs final_norm=True")
         width, dtype, param_dtype = self.vit.width, self.vit.dtype, self.vit.param_dtype
         self.queries = self.param("queries", nn.with_logical_partitioning(
             nn.initializers.normal(1.0), (None, "embed")), (self.num_queries, width), param_dtype)
@@ -176,14 +177,15 @@ class EoMT(nn.Module):
         vit = self.vit
         grid = vit.check_images(images)
         if self.normalize_input:
+            check_unit_range(images)
             images = normalize(images)
         masked = attn_mask_probs is not None
         first = vit.depth - self.num_query_blocks
         if masked:
             attn_mask_probs = jnp.asarray(attn_mask_probs, jnp.float32)
             if attn_mask_probs.shape != (self.num_query_blocks,):
-                raise ValueError(f"attn_mask_probs must have shape ({self.num_query_blocks},), one per query "
-                                 f"block, got {attn_mask_probs.shape}")
+                raise UserError(f"attn_mask_probs must have shape ({self.num_query_blocks},), one per query "
+                                f"block, got {attn_mask_probs.shape}")
         x = vit.embed(images, train=train)
         predictions = []
         for i, block in enumerate(vit.blocks):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
 from jaxseg.models.vit import Block, ViT
 from jaxseg.ops.resize import resize
 
@@ -46,10 +47,10 @@ class Segmenter(nn.Module):
 
     def setup(self):
         if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+            raise UserError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         self.vit = ViT(**self.encoder, name="encoder")
         if not self.vit.final_norm:
-            raise ValueError("Segmenter decodes the encoder's normalised tokens: set final_norm=True")
+            raise UserError("Segmenter decodes the encoder's normalised tokens: set final_norm=True")
         width = self.vit.width
         dense = dict(kernel_init=nn.initializers.truncated_normal(0.02))
         if self.decoder == "linear":
@@ -83,7 +84,7 @@ class Segmenter(nn.Module):
         """images (B, H, W, C) -> logits (R, B, H, W, N): one read-out after each decoder block (R = depth)
         for the mask transformer, R = 1 for the linear decoder."""
         if images.ndim != 4:
-            raise ValueError(f"images must be (batch, height, width, channels), got {images.shape}")
+            raise UserError(f"images must be (batch, height, width, channels), got {images.shape}")
         height, width = images.shape[1:3]
         patch = self.vit.patch_size
         padded = jnp.pad(images, ((0, 0), (0, -height % patch), (0, -width % patch), (0, 0)))
@@ -107,6 +108,6 @@ def combine_readouts(logits: Array, weights: Sequence[float] = (0.8, 1.0)) -> Ar
     """WeakTr's inference score: sum_i weights[i] * softmax(readout i) over the last len(weights)
     read-outs of (R, B, H, W, N) logits -> (B, H, W, N)."""
     if len(weights) > logits.shape[0]:
-        raise ValueError(f"{len(weights)} weights for {logits.shape[0]} read-outs")
+        raise UserError(f"{len(weights)} weights for {logits.shape[0]} read-outs")
     probs = jax.nn.softmax(logits[-len(weights):].astype(jnp.float32), axis=-1)
     return jnp.einsum("r,rbhwn->bhwn", jnp.asarray(weights, jnp.float32), probs)

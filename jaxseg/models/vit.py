@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.config import check_rules, setting
+from jaxseg.errors import UserError
 from jaxseg.ops.posemb import resample_posemb
 
 Array = jax.Array
@@ -61,16 +63,16 @@ def vit_config(variant: str, family: str = "deit", **overrides) -> dict:
         size, patch = variant.split("/")
         config = dict(SIZES[size], patch_size=int(patch))
     except (ValueError, KeyError):
-        raise ValueError(f"variant must look like 'S/16' with a size in {sorted(SIZES)}, "
-                         f"got {variant!r}") from None
+        raise UserError(f"variant must look like 'S/16' with a size in {sorted(SIZES)}, "
+                        f"got {variant!r}") from None
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+        raise UserError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
     family_config = dict(FAMILIES[family])
     grid = family_config.pop("pretrain_size") // config["patch_size"]
     config.update(family_config, posemb_grid=(grid, grid))
     unknown = set(overrides) - set(_VIT_FIELDS)
     if unknown:
-        raise ValueError(f"unknown ViT option(s) {sorted(unknown)}; valid: {sorted(_VIT_FIELDS)}")
+        raise UserError(f"unknown ViT option(s) {sorted(unknown)}; valid: {sorted(_VIT_FIELDS)}")
     config.update(overrides)
     return config
 
@@ -133,11 +135,11 @@ class Attention(nn.Module):
                  return_probs: bool = False) -> tuple[Array, Array | None]:
         width = x.shape[-1]
         if width % self.num_heads:
-            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+            raise UserError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
         if mask is not None and mask.shape != (x.shape[0], x.shape[1], x.shape[1]):
-            raise ValueError(f"attention mask must have shape (batch, tokens, tokens) = "
-                             f"{(x.shape[0], x.shape[1], x.shape[1])}, got {mask.shape}")
+            raise UserError(f"attention mask must have shape (batch, tokens, tokens) = "
+                            f"{(x.shape[0], x.shape[1], x.shape[1])}, got {mask.shape}")
 
         # nn.Einsum creates kernels in their final shape, which the logical boxes need (DenseGeneral
         # initialises a flattened kernel and fails to constrain it under a mesh).
@@ -197,7 +199,7 @@ class Mlp(nn.Module):
             up = self._dense(self.hidden_dim, ("embed", "mlp"), "fc1_up")(x)
             h = nn.silu(gate) * up
         else:
-            raise ValueError(f"mlp_type must be 'gelu' or 'swiglu', got {self.mlp_type!r}")
+            raise UserError(f"mlp_type must be 'gelu' or 'swiglu', got {self.mlp_type!r}")
         h = nn.with_logical_constraint(h, hidden_axes)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         y = self._dense(x.shape[-1], ("mlp", "embed"), "fc2")(h)
@@ -291,12 +293,16 @@ class ViT(nn.Module):
     qkv_bias: bool = True
     layernorm_eps: float = 1e-6
     final_norm: bool = True
-    drop_path_rate: float = 0.0
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = setting(0.0, "in [0, 1]")
+    dropout_rate: float = setting(0.0, "in [0, 1]")
+    attention_dropout_rate: float = setting(0.0, "in [0, 1]")
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+
+    def __post_init__(self):
+        check_rules(self)
+        super().__post_init__()
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -341,14 +347,14 @@ class ViT(nn.Module):
     def check_images(self, images: Array) -> tuple[int, int]:
         """Raises a ValueError naming the problem for a malformed batch; returns the patch grid."""
         if images.ndim != 4:
-            raise ValueError(f"images must be (batch, height, width, channels), got shape {images.shape}")
+            raise UserError(f"images must be (batch, height, width, channels), got shape {images.shape}")
         _, height, width, channels = images.shape
         if channels != self.in_channels:
-            raise ValueError(f"images have {channels} channels, the ViT expects {self.in_channels} "
-                             f"(layout is NHWC: (batch, height, width, channels))")
+            raise UserError(f"images have {channels} channels, the ViT expects {self.in_channels} "
+                            f"(layout is NHWC: (batch, height, width, channels))")
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"image size {height}x{width} is not divisible by the patch size "
-                             f"{self.patch_size}; resize or pad the input")
+            raise UserError(f"image size {height}x{width} is not divisible by the patch size "
+                            f"{self.patch_size}; resize or pad the input")
         return height // self.patch_size, width // self.patch_size
 
     def position_embedding(self, grid: tuple[int, int]) -> Array:
@@ -395,7 +401,7 @@ class ViT(nn.Module):
         extra_tokens = dict(extra_tokens or {})
         bad = [i for i in extra_tokens if not 0 <= i < self.depth]
         if bad:
-            raise ValueError(f"extra_tokens block indices {bad} are outside 0..{self.depth - 1}")
+            raise UserError(f"extra_tokens block indices {bad} are outside 0..{self.depth - 1}")
         if attention_mask is not None and not isinstance(attention_mask, Mapping):
             attention_mask = {i: attention_mask for i in range(self.depth)}
         attention_mask = attention_mask or {}
@@ -408,8 +414,8 @@ class ViT(nn.Module):
             if i in extra_tokens:
                 tokens = extra_tokens[i].astype(self.dtype)
                 if tokens.ndim != 3 or tokens.shape[-1] != self.width:
-                    raise ValueError(f"extra_tokens[{i}] must be (batch or 1, n, {self.width}), "
-                                     f"got {tokens.shape}")
+                    raise UserError(f"extra_tokens[{i}] must be (batch or 1, n, {self.width}), "
+                                    f"got {tokens.shape}")
                 tokens = jnp.broadcast_to(tokens, (x.shape[0],) + tokens.shape[1:])
                 x = jnp.concatenate([tokens, x], axis=1)
             x, aux = block(x, attention_mask.get(i), not train, return_attention)

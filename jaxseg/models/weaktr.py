@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxseg.errors import UserError
 from jaxseg.models.initializers import torch_default, torch_dense
 from jaxseg.models.vit import ViT
 
@@ -45,8 +46,8 @@ class AdaptiveAttentionFusion(nn.Module):
         e = torch_dense(1, hidden, "feat_fc2")(e)[..., 0]
         squeeze = num_maps // self.reduction
         if squeeze < 1 or hidden < 1:
-            raise ValueError(f"AAF reductions too large: {num_maps} maps / reduction {self.reduction} and "
-                             f"{dim} channels / feat_reduction {self.feat_reduction} must both be >= 1")
+            raise UserError(f"AAF reductions too large: {num_maps} maps / reduction {self.reduction} and "
+                            f"{dim} channels / feat_reduction {self.feat_reduction} must both be >= 1")
         h = nn.relu(torch_dense(squeeze, num_maps, "head_fc1", use_bias=False)(e))
         return nn.sigmoid(torch_dense(num_maps, squeeze, "head_fc2", use_bias=False)(h))
 
@@ -101,15 +102,15 @@ class WeakTr(nn.Module):
 
     def setup(self):
         if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+            raise UserError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.pool not in ("max", "avg"):
-            raise ValueError(f"pool must be 'max' or 'avg', got {self.pool!r}")
+            raise UserError(f"pool must be 'max' or 'avg', got {self.pool!r}")
         self.vit = ViT(**self.encoder, name="encoder")
         if self.vit.num_cls_tokens != self.num_classes or self.vit.num_registers:
-            raise ValueError(f"WeakTr needs one class token per class ({self.num_classes}) and no registers; "
-                             f"the encoder has {self.vit.num_cls_tokens} and {self.vit.num_registers}")
+            raise UserError(f"WeakTr needs one class token per class ({self.num_classes}) and no registers; "
+                            f"the encoder has {self.vit.num_cls_tokens} and {self.vit.num_registers}")
         if self.vit.final_norm:
-            raise ValueError("WeakTr stage 1 uses the last block's raw output: set final_norm=False")
+            raise UserError("WeakTr stage 1 uses the last block's raw output: set final_norm=False")
         # WeakTr's `_init_weights` skips convolutions: the head keeps PyTorch's default init.
         init = torch_default(9 * self.vit.width)
         self.head = nn.Conv(self.num_classes, (3, 3), padding=1, kernel_init=init, bias_init=init)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
+
 
 def _check_floating(name: str, x: jax.Array) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -74,14 +76,14 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
     _check_floating("maps", maps)
     _check_floating("coords", coords)
     if maps.ndim < 2:
-        raise ValueError(f"maps must have shape (..., H, W), got {maps.shape}")
+        raise UserError(f"maps must have shape (..., H, W), got {maps.shape}")
     if coords.ndim < 2 or coords.shape[-1] != 2:
-        raise ValueError(f"coords must have shape (..., P, 2), got {coords.shape}")
+        raise UserError(f"coords must have shape (..., P, 2), got {coords.shape}")
     try:
         np.broadcast_shapes(maps.shape[:-2], coords.shape[:-2])
     except ValueError:
-        raise ValueError(f"leading axes of maps {maps.shape} and coords {coords.shape} do not "
-                         "broadcast") from None
+        raise UserError(f"leading axes of maps {maps.shape} and coords {coords.shape} do not "
+                        "broadcast") from None
     coords = jax.lax.stop_gradient(coords.astype(jnp.promote_types(coords.dtype, jnp.float32)))
     accumulate = jnp.promote_types(maps.dtype, jnp.float32)
     return _sample(maps.astype(accumulate), coords).astype(maps.dtype)
@@ -91,18 +93,18 @@ def importance_point_counts(num_points: int, oversample_ratio: float = 3.0,
                             importance_sample_ratio: float = 0.75) -> tuple[int, int]:
     """(candidates drawn, uncertain points kept) per map, with Mask2Former's int() truncation."""
     if num_points < 1:
-        raise ValueError(f"num_points must be positive, got {num_points}")
+        raise UserError(f"num_points must be positive, got {num_points}")
     if oversample_ratio < 1:
-        raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
+        raise UserError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
     if not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
+        raise UserError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
     return int(num_points * oversample_ratio), int(importance_sample_ratio * num_points)
 
 
 def _check_logits(logits: jax.Array) -> jax.Array:
     logits = jnp.asarray(logits)
     if logits.ndim != 3:
-        raise ValueError(f"logits must have shape (N, H, W), got {logits.shape}")
+        raise UserError(f"logits must have shape (N, H, W), got {logits.shape}")
     _check_floating("logits", logits)
     return logits
 
@@ -127,9 +129,9 @@ def select_uncertain_points(logits: jax.Array, candidates: jax.Array, fresh: jax
     n = logits.shape[0]
     for name, points in (("candidates", candidates), ("fresh", fresh)):
         if points.ndim != 3 or points.shape[0] != n or points.shape[2] != 2:
-            raise ValueError(f"{name} must have shape ({n}, P, 2), got {points.shape}")
+            raise UserError(f"{name} must have shape ({n}, P, 2), got {points.shape}")
     if not 0 <= num_uncertain <= candidates.shape[1]:
-        raise ValueError(f"num_uncertain={num_uncertain} must be in [0, {candidates.shape[1]}]")
+        raise UserError(f"num_uncertain={num_uncertain} must be in [0, {candidates.shape[1]}]")
     candidates = candidates.astype(jnp.float32)
     uncertainty = -jnp.abs(point_sample(logits.astype(jnp.float32), candidates))
     _, index = jax.lax.top_k(uncertainty, num_uncertain)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
 from jaxseg.ops.resize import interpolation_matrix, resize
 
 POSEMB_RESIZE_MODES = ("timm", "dino")
@@ -22,12 +23,12 @@ def resample_posemb(posemb: jax.Array, old_grid: Sequence[int], new_grid: Sequen
       scale factors (new + 0.1) / old, which shift the sampling positions slightly.
     """
     if mode not in POSEMB_RESIZE_MODES:
-        raise ValueError(f"posemb resize mode must be one of {POSEMB_RESIZE_MODES}, got {mode!r}")
+        raise UserError(f"posemb resize mode must be one of {POSEMB_RESIZE_MODES}, got {mode!r}")
     old_grid, new_grid = tuple(old_grid), tuple(new_grid)
     expected = num_prefix_tokens + old_grid[0] * old_grid[1]
     if posemb.ndim != 3 or posemb.shape[:2] != (1, expected):
-        raise ValueError(f"position embedding of shape {posemb.shape} does not hold {num_prefix_tokens} "
-                         f"prefix entries + a {old_grid[0]}x{old_grid[1]} grid")
+        raise UserError(f"position embedding of shape {posemb.shape} does not hold {num_prefix_tokens} "
+                        f"prefix entries + a {old_grid[0]}x{old_grid[1]} grid")
     if old_grid == new_grid:
         return posemb
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
@@ -51,7 +52,7 @@ def resample_patch_kernel(kernel: np.ndarray, new_size: Sequence[int]) -> np.nda
     """
     kernel = np.asarray(kernel)
     if kernel.ndim != 4:
-        raise ValueError(f"patch kernel must be (height, width, in, out), got shape {kernel.shape}")
+        raise UserError(f"patch kernel must be (height, width, in, out), got shape {kernel.shape}")
     old_size, new_size = kernel.shape[:2], tuple(int(s) for s in new_size)
     if old_size == new_size:
         return kernel

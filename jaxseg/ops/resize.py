@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
+
 METHODS = ("bilinear", "bicubic")
 
 
@@ -80,12 +82,12 @@ def interpolation_matrix(in_size: int, out_size: int, method: str = "bilinear",
     `scale_factor` reproduces `F.interpolate(scale_factor=...)`, whose sampling positions follow the given
     factor rather than out/in (the output size is still floor(in * factor)); plain resizing only."""
     if method not in METHODS:
-        raise ValueError(f"resize method must be one of {METHODS}, got {method!r}")
+        raise UserError(f"resize method must be one of {METHODS}, got {method!r}")
     if in_size < 1 or out_size < 1:
-        raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
+        raise UserError(f"resize sizes must be positive, got {in_size} -> {out_size}")
     if scale_factor is not None:
         if antialias:
-            raise ValueError("scale_factor is supported for plain (non-antialiased) resizing only")
+            raise UserError("scale_factor is supported for plain (non-antialiased) resizing only")
         mat = _plain_matrix(in_size, out_size, method, 1.0 / scale_factor)
     elif antialias:
         mat = _antialiased_matrix(in_size, out_size, method)
@@ -102,7 +104,7 @@ def resize(x: jax.Array, size: Sequence[int], *, method: str = "bilinear",
     `torch.nn.functional.interpolate(..., mode=method, align_corners=False, antialias=antialias)`;
     with `scale_factors`, like `interpolate(scale_factor=...)` whose output size is `size`."""
     if len(size) != len(axes) or (scale_factors is not None and len(scale_factors) != len(axes)):
-        raise ValueError(f"size {tuple(size)} must give one length per resized axis {tuple(axes)}")
+        raise UserError(f"size {tuple(size)} must give one length per resized axis {tuple(axes)}")
     for i, (axis, out_size) in enumerate(zip(axes, size)):
         in_size = x.shape[axis]
         factor = None if scale_factors is None else float(scale_factors[i])
@@ -127,7 +129,7 @@ def padded_matrix(in_size: int, out_size: int, in_canvas: int, out_canvas: int, 
     images of different sizes share a batch and a compiled program. `flip` reverses the output order
     within the `out_size` entries (a horizontal flip of the resized data, taken inside the matrix)."""
     if in_size > in_canvas or out_size > out_canvas:
-        raise ValueError(f"a resize {in_size} -> {out_size} does not fit the canvas {in_canvas} -> {out_canvas}")
+        raise UserError(f"a resize {in_size} -> {out_size} does not fit the canvas {in_canvas} -> {out_canvas}")
     matrix = np.zeros((out_canvas, in_canvas), np.float32)
     block = interpolation_matrix(in_size, out_size, method, antialias)
     matrix[:out_size, :in_size] = block[::-1] if flip else block

@@ -5,11 +5,22 @@ orbax writes every step into a temporary directory and renames it when complete,
 half-way (even by SIGKILL) leaves the previous checkpoints intact and `latest_step` only ever names
 complete ones. Restores always go against an abstract (shape / dtype / sharding) target, so arrays come
 back sharded as the running job wants them.
+
+A step whose files were damaged afterwards (a truncated array file, empty or missing metadata, a missing
+item) is skipped with a warning that names it and the reason, and the next-newest is restored; nothing
+is deleted. Training moves such a step out of `checkpoints/` into `unusable_checkpoints/` once an older
+one restored, so that it can save that step again. A checkpoint whose parameters do not fit the model
+is not damaged: that is an error at once, since older steps of the run hold the same model.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import os
 import pathlib
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -19,8 +30,83 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxseg.convert.state_dict import WeightConversionError, shape_diff
+from jaxseg.errors import UserError
+
+log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "config")
+UNUSABLE_DIR = "unusable_checkpoints"
+
+
+class _Damaged(Exception):
+    """A step's files cannot be read (as opposed to not fitting the model)."""
+
+
+@contextlib.contextmanager
+def _quiet_unraisable() -> Iterator[None]:
+    """orbax reads arrays in coroutines; when one read fails, the others' identical errors are reported
+    as 'Exception ignored in <coroutine>' tracebacks. The first is raised and reported; drop the echoes."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()  # the failed coroutines report when they are collected: here, not later
+        sys.unraisablehook = hook
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a library's error: its first line, without TensorStore's spec dump."""
+    text = str(error).strip().split(" See full TensorStore details")[0].split(" [tensorstore_spec=")[0]
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _stored_params(manager: ocp.CheckpointManager, step: int, items: tuple[str, ...]) -> Any:
+    """The params metadata of `step` (names, shapes) once the step's `items` are there and readable."""
+    step_dir = pathlib.Path(manager.directory) / str(step)
+    missing = [item for item in items if not (step_dir / item).is_dir()]
+    if missing:
+        raise _Damaged(f"item(s) {missing} are missing")
+    try:
+        stored = manager.item_metadata(step)["state"]
+    except Exception as e:  # orbax reports unreadable metadata as JSON, key or TensorStore errors
+        raise _Damaged(f"its metadata cannot be read ({_first_line(e)})") from e
+    if stored is None or "params" not in stored:
+        raise _Damaged("its state metadata holds no params")
+    return stored["params"]
+
+
+def _restore_newest(manager: ocp.CheckpointManager, step: int | None, restore_step: Callable[[int], Any],
+                    where: str) -> tuple[int, Any, list[int]]:
+    """(step, restore_step(step), skipped damaged newer steps) of `step`, default the newest step that
+    restores; `restore_step` raises `_Damaged` for a step that cannot be read."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {where}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {where}; steps: {sorted(steps)}")
+    reasons, skipped = [], []
+    for candidate in [step] if step is not None else steps:
+        try:
+            with _quiet_unraisable():
+                return candidate, restore_step(candidate), skipped
+        except _Damaged as e:
+            reasons.append(f"step {candidate}: {e}")
+            if step is None:
+                log.warning("skipping checkpoint step %d in %s: %s", candidate, where, e)
+                skipped.append(candidate)
+    raise UserError(f"no usable checkpoint in {where} ({'; '.join(reasons)}); nothing was changed: move the "
+                    f"damaged step directories away to start afresh")
+
+
+def _reader(checkpoints: pathlib.Path) -> ocp.CheckpointManager:
+    """A manager that reads a run's checkpoints (params, metadata) and never writes. Every item has its
+    handler, so that orbax does not warn about the items it is not asked for."""
+    return ocp.CheckpointManager(
+        checkpoints, item_names=ITEMS,
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(create=False))
 
 
 class Checkpointer:
@@ -30,10 +116,12 @@ class Checkpointer:
         workdir = pathlib.Path(workdir).absolute()
         if workdir.exists() and not workdir.is_dir():
             raise NotADirectoryError(f"workdir {workdir} exists and is not a directory")
+        self.workdir = workdir
         self.directory = workdir / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=ITEMS,
-            item_handlers={"data": grain.checkpoint.CheckpointHandler()},
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  enable_async_checkpointing=async_save))
 
@@ -49,24 +137,51 @@ class Checkpointer:
             items["config"] = ocp.args.JsonSave(config)
         self.manager.save(step, args=ocp.args.Composite(**items))
 
-    def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None) -> tuple[Any, dict]:
-        """(state, saved config) of `step` (default: the latest); `data_iterator` is restored in place."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        saved = {p.name for p in (self.directory / str(step)).iterdir()}
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if "config" in saved:
-            items["config"] = ocp.args.JsonRestore()
-        if data_iterator is not None:
-            if "data" not in saved:
-                raise ValueError(f"checkpoint {self.directory}/{step} holds no data-iterator state")
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"checkpoint {self.directory}/{step} does not fit this model and run: {e}") from e
+    def restore(self, abstract_state: Any, data_iterator=None, step: int | None = None, *,
+                set_aside_damaged: bool = False) -> tuple[Any, dict]:
+        """(state, saved config) of `step`, default the newest usable one (module docstring); the state's
+        params must fit `abstract_state.params`; `data_iterator` is restored in place. `set_aside_damaged`:
+        move the damaged newer steps to WORKDIR/unusable_checkpoints/ (process 0), as training does."""
+        needed = ("state", "data") if data_iterator is not None else ("state",)
+
+        def restore_step(candidate: int):
+            stored = _stored_params(self.manager, candidate, needed)
+            params = abstract_state["params"] if isinstance(abstract_state, dict) else abstract_state.params
+            check_tree_names(flax.linen.unbox(params), stored,
+                             f"checkpoint {self.directory}/{candidate}")
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if (self.directory / str(candidate) / "config").is_dir():
+                items["config"] = ocp.args.JsonRestore()
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                return self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            except Exception as e:  # the params fit: what fails now is reading the files
+                raise _Damaged(f"restoring it failed ({_first_line(e)})") from e
+
+        self.restored_step, restored, skipped = _restore_newest(self.manager, step, restore_step,
+                                                                str(self.directory))
+        if skipped and set_aside_damaged:
+            self._set_aside(skipped)
         return restored["state"], restored.get("config") or {}
+
+    def _set_aside(self, steps: list[int]) -> None:
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            aside = self.workdir / UNUSABLE_DIR
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                suffix = 1
+                while target.exists():  # a step damaged again after an earlier move keeps both
+                    target, suffix = aside / f"{step}.{suffix}", suffix + 1
+                (self.directory / str(step)).rename(target)
+                log.warning("moved the unusable checkpoint step %d to %s (nothing was deleted)", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxseg_set_aside_checkpoints")
+        self.manager.reload()
 
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
@@ -76,51 +191,77 @@ class Checkpointer:
         self.manager.close()
 
 
-def check_tree_names(expected: Any, actual: Any, what: str) -> None:
-    """Raises with a missing / unexpected / misshaped diff when two parameter trees disagree."""
+def check_tree_names(expected: Any, actual: Any, what: str, max_lines: int = 12) -> None:
+    """Raises with a missing / unexpected / misshaped diff (its first `max_lines` lines) when two parameter
+    trees disagree."""
     def shapes(tree):
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
         return {k: tuple(getattr(v, "shape", ())) for k, v in flat.items()}
     diff = shape_diff(shapes(expected), shapes(actual))
     if diff:
-        raise WeightConversionError(f"{what} does not match the model:\n" + "\n".join(diff))
+        more = [f"... and {len(diff) - max_lines} more"] if len(diff) > max_lines else []
+        raise WeightConversionError(f"{what} does not match the model:\n" + "\n".join(diff[:max_lines] + more))
 
 
 def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any = None,
                    step: int | None = None, with_step: bool = False) -> Any:
-    """Parameters (state["params"]) of step `step` (default: the latest) of a run directory or checkpoints
-    directory written by `Checkpointer`, checked name by name against `abstract_params` and read straight
+    """Parameters (state["params"]) of step `step` (default: the newest usable) of a run directory or
+    checkpoints directory written by `Checkpointer`, checked name by name against `abstract_params` and read straight
     into `shardings` (a tree of shardings like the params; default: one device), so that no host ever
     holds a whole model it shards; other state (optimizer, data iterator) is not read. `with_step`:
     (params, the step read)."""
     path = pathlib.Path(path).absolute()
     abstract_params = flax.linen.unbox(abstract_params)  # logical-axis boxes are metadata, not stored
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    manager = ocp.CheckpointManager(checkpoints, item_names=("state",),
-                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    if not checkpoints.is_dir():
+        raise FileNotFoundError(f"no checkpoint under {path}")
+    if shardings is not None:
+        abstract_params = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
+            flax.linen.unbox(shardings))
+    target = {"params": abstract_params}
+    manager = _reader(checkpoints)
+
+    def restore_step(candidate: int):
+        check_tree_names(abstract_params, _stored_params(manager, candidate, ("state",)),
+                         f"checkpoint {checkpoints}/{candidate}")
+        try:
+            return manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        except Exception as e:  # the params fit: what fails now is reading the files
+            raise _Damaged(f"restoring it failed ({_first_line(e)})") from e
+
     try:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint under {path}")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint of step {step} under {path}; steps: {sorted(steps)}")
-        stored = manager.item_metadata(step)["state"]
-        if "params" not in stored:
-            raise ValueError(f"checkpoint {checkpoints}/{step} has no 'params' in its state")
-        check_tree_names(abstract_params, stored["params"], f"checkpoint {checkpoints}/{step}")
-        if shardings is not None:
-            abstract_params = jax.tree_util.tree_map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
-                flax.linen.unbox(shardings))
-        target = {"params": abstract_params}
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
+        step, restored, _ = _restore_newest(manager, step, restore_step, str(checkpoints))
     finally:
         manager.close()
     params = restored["state"]["params"]
     return (params, step) if with_step else params
+
+
+def check_resumable(workdir: str | os.PathLike, abstract_params: Any) -> bool:
+    """Whether the run in `workdir` has a checkpoint to resume from; raises (reading metadata only, writing
+    nothing) when the newest readable one holds params that do not fit `abstract_params`, so that a
+    rejected rerun is rejected before it changes the run."""
+    checkpoints = pathlib.Path(workdir) / "checkpoints"
+    if not checkpoints.is_dir():
+        return False
+    manager = _reader(checkpoints)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                stored = _stored_params(manager, step, ("state",))
+            except _Damaged:
+                continue  # the restore skips it with a warning
+            check_tree_names(flax.linen.unbox(abstract_params), stored,
+                             f"checkpoint {checkpoints}/{step} (a run resumes the model it started with; train "
+                             f"another one in a new workdir)")
+            break
+    finally:
+        manager.close()
+    return bool(steps)
 
 
 def load_init_params(path: str | os.PathLike, abstract_params: Any) -> Any:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxseg.errors import UserError
+
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -26,7 +28,8 @@ def warmup_poly(base_lr: float, total_steps: int, warmup_steps: int, *, frozen_s
     heads use (0, 500), the backbone (500, 1000))."""
     start = frozen_steps + warmup_steps
     if total_steps <= start:
-        raise ValueError(f"total_steps {total_steps} must exceed the frozen + warm-up steps {start}")
+        raise UserError(f"train.total_steps {total_steps} must exceed the frozen + warm-up steps {start} "
+                        f"(optimizer.warmup)")
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -70,7 +73,7 @@ def scale_by_group_schedule(labels, multipliers, schedules: Mapping[str, Schedul
     """update <- -schedules[label](step) * multiplier * update, per parameter."""
     missing = set(jax.tree_util.tree_leaves(labels)) - set(schedules)
     if missing:
-        raise ValueError(f"no schedule for parameter group(s) {sorted(missing)}")
+        raise UserError(f"no schedule for parameter group(s) {sorted(missing)}")
 
     def init(params):
         del params

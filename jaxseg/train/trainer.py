@@ -28,7 +28,9 @@ import numpy as np
 import optax
 
 from jaxseg import parallel
+from jaxseg.config import check_rules, setting
 from jaxseg.data.pipeline import train_dataset
+from jaxseg.errors import NonFiniteLossError, UnknownKeyError
 from jaxseg.train.checkpoint import Checkpointer, load_init_params
 from jaxseg.train.metric_writer import MetricWriter
 
@@ -43,10 +45,6 @@ class TrainState:
     rng: jax.Array
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or Inf loss; the offending batch was saved next to the checkpoints."""
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A config's `train` section. `init_checkpoint`: params to start a fresh run from (a run directory or
@@ -54,24 +52,20 @@ class TrainConfig:
     = the whole tree); `requires_init_checkpoint`: the recipe fine-tunes pretrained weights and refuses
     to start without them; `num_overlays`: examples of the first evaluation's split drawn to
     WORKDIR/overlays/step_<N>/ after training (0: none); `worker_count`: grain worker processes."""
-    total_steps: int
-    batch_size: int = 8
+    total_steps: int = setting(rule=">= 0")  # 0: initialise and evaluate only
+    batch_size: int = setting(8, ">= 1")
     seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    max_to_keep: int = 3
+    log_every: int = setting(10, ">= 1")
+    checkpoint_every: int = setting(100, ">= 1")
+    max_to_keep: int = setting(3, ">= 1")
     init_checkpoint: str = ""
     init_into: str = ""
     requires_init_checkpoint: bool = False
-    num_overlays: int = 8
-    worker_count: int = 0
+    num_overlays: int = setting(8, ">= 0")
+    worker_count: int = setting(0, ">= 0")
 
     def __post_init__(self):
-        if self.total_steps < 0:  # 0: initialise and evaluate only
-            raise ValueError(f"train.total_steps must be >= 0, got {self.total_steps}")
-        for name in ("batch_size", "log_every", "checkpoint_every", "max_to_keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        check_rules(self)
 
 
 @dataclasses.dataclass
@@ -82,6 +76,19 @@ class Evaluation:
     every: int = 0
 
 
+def abstract_train_state(method, seed: int, mesh: jax.sharding.Mesh, rules: parallel.LogicalRules):
+    """(init function of the train state, its abstract value, its shardings); building it checks the
+    method's model and optimizer settings without computing anything."""
+    def init(rng):
+        params_rng, state_rng = jax.random.split(rng)
+        params = method.init_params(params_rng)
+        opt_state = method.optimizer_for(nn.unbox(params)).init(nn.unbox(params))
+        return TrainState(jnp.zeros([], jnp.int32), params, opt_state, state_rng)
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(seed))
+    shardings = parallel.tree_shardings(boxed, mesh, rules)
+    return init, nn.unbox(boxed), nn.unbox(shardings)
+
+
 class Trainer:
     def __init__(self, method, config: TrainConfig, workdir: str | pathlib.Path, train_source: Sequence[dict],
                  *, mesh: jax.sharding.Mesh | None = None, rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
@@ -89,8 +96,7 @@ class Trainer:
         self.method, self.config, self.train_source = method, config, train_source
         self.workdir = pathlib.Path(workdir)
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=config.max_to_keep)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.writer = MetricWriter(self.workdir)
+        self.writer: MetricWriter | None = None  # opened by `run` once the state is there
         self.mesh = mesh if mesh is not None else parallel.MeshConfig().make_mesh()
         self.rules = rules
         self.evaluations = evaluations or {}
@@ -106,14 +112,7 @@ class Trainer:
 
     def abstract_state(self):
         """(init function of the state, its abstract value, its shardings)."""
-        def init(rng):
-            params_rng, state_rng = jax.random.split(rng)
-            params = self.method.init_params(params_rng)
-            opt_state = self.method.optimizer_for(nn.unbox(params)).init(nn.unbox(params))
-            return TrainState(jnp.zeros([], jnp.int32), params, opt_state, state_rng)
-        boxed = jax.eval_shape(init, jax.random.PRNGKey(self.config.seed))
-        shardings = parallel.tree_shardings(boxed, self.mesh, self.rules)
-        return init, nn.unbox(boxed), nn.unbox(shardings)
+        return abstract_train_state(self.method, self.config.seed, self.mesh, self.rules)
 
     def make_step(self, shardings) -> Callable:
         """The jitted train step (state donated): (state, global batch) -> (state, metrics)."""
@@ -138,38 +137,55 @@ class Trainer:
         init, abstract, shardings = self.abstract_state()
         data = self.train_data()
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            if self.checkpointer.latest_step() is not None:
-                target = jax.tree_util.tree_map(
-                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-                state, _ = self.checkpointer.restore(target, data)
-                log.info("resumed from step %d", int(state.step))
-            else:
-                state = self.initial_state(init, shardings)
-                if self.config.init_checkpoint:
-                    state = state.replace(params=self._initial_params(state.params, shardings.params))
+            state = self._start(init, abstract, shardings, data)
+            start, last = int(state.step), self.config.total_steps
+            # Rows of steps after the restored one are about to be logged again.
+            self.writer = MetricWriter(self.workdir, purge_step=start + 1 if start else None)
+            if jax.process_index() == 0 and self.config_to_save:
+                (self.workdir / "config.json").write_text(json.dumps(self.config_to_save, indent=1))
             step_fn = self.make_step(shardings)
-            start, started_at = int(state.step), time.perf_counter()
-            last = self.config.total_steps
+            pace = Pace()
             try:
                 for step in range(start, last):
                     local_batch = next(data)
                     state, metrics = step_fn(state, parallel.global_batch(local_batch, self.mesh, self.rules))
                     done = step + 1
+                    if done == start + 1:  # the first step compiles: the pace counts from its end
+                        jax.block_until_ready(metrics)
+                        pace.restart(done)
                     if done % self.config.log_every == 0 or done == last:
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         self._guard(metrics, step, local_batch)
-                        self._log(done, metrics, started_at, start, local_batch)
+                        self._log(done, metrics, pace, local_batch)
                     if done % self.config.checkpoint_every == 0 or done == last:
                         self.checkpointer.save(done, state, data, self.config_to_save)
                     due = [name for name, e in self.evaluations.items()
                            if done == last or (e.every and done % e.every == 0)]
                     if due:
                         self._evaluate(done, state.params, due)
+                        pace.restart(done)
                 if start >= last:  # nothing left to train: still report the final model
                     self._evaluate(start, state.params, list(self.evaluations))
             finally:
                 self.checkpointer.wait_until_finished()
                 self.writer.close()
+        return state
+
+    def _start(self, init: Callable, abstract: Any, shardings: Any, data) -> TrainState:
+        """The state to train from: the newest usable checkpoint of the workdir (said on the console),
+        else the initialisation with the init checkpoint's params."""
+        if self.checkpointer.latest_step() is None:
+            state = self.initial_state(init, shardings)
+            if self.config.init_checkpoint:
+                state = state.replace(params=self._initial_params(state.params, shardings.params))
+            return state
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, _ = self.checkpointer.restore(target, data, set_aside_damaged=True)
+        if jax.process_index() == 0:
+            print(f"resumed from step {int(state.step)} (checkpoint "
+                  f"{self.checkpointer.directory / str(self.checkpointer.restored_step)})", file=sys.stderr,
+                  flush=True)
         return state
 
     def _initial_params(self, params: Any, params_shardings: Any) -> Any:
@@ -178,8 +194,8 @@ class Trainer:
         subtree, subtree_shardings = params, params_shardings
         for name in path:
             if name not in subtree:
-                raise KeyError(f"init_into={self.config.init_into!r}: {name!r} is not one of "
-                               f"{sorted(subtree)}")
+                raise UnknownKeyError(f"init_into={self.config.init_into!r}: {name!r} is not one of "
+                                      f"{sorted(subtree)}")
             subtree, subtree_shardings = subtree[name], subtree_shardings[name]
         abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), subtree)
         loaded = load_init_params(self.config.init_checkpoint, abstract)
@@ -216,23 +232,44 @@ class Trainer:
             self.checkpointer.wait_until_finished()
             raise NonFiniteLossError(f"loss is {metrics['loss']} at step {step}; the batch is saved in {path}")
 
-    def _log(self, step: int, metrics: dict, started_at: float, start: int, local_batch: dict) -> None:
-        elapsed = time.perf_counter() - started_at
-        rate = (step - start) / max(elapsed, 1e-9)
+    def _log(self, step: int, metrics: dict, pace: Pace, local_batch: dict) -> None:
+        rate = pace.steps_per_second(step)
         images = len(jax.tree_util.tree_leaves(local_batch)[0]) * jax.process_count()
         self.history.append(dict(metrics, step=step))
-        self.writer.write(step, dict(metrics, steps_per_second=rate, images_per_second=rate * images))
+        speed = {} if rate is None else dict(steps_per_second=rate, images_per_second=rate * images)
+        self.writer.write(step, dict(metrics, **speed))
         if jax.process_index() == 0:
-            print(progress_line(step, self.config.total_steps, rate, rate * images) + " " + " ".join(
-                f"{k}={v:.4g}" for k, v in sorted(metrics.items())), file=sys.stderr, flush=True)
+            print(progress_line(step, self.config.total_steps, rate, None if rate is None else rate * images)
+                  + " " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), file=sys.stderr,
+                  flush=True)
 
 
-def progress_line(step: int, total: int, steps_per_second: float, images_per_second: float,
+class Pace:
+    """Training speed over the steps since the first one after a start or resume (that one compiles) or
+    since the last evaluation (whose time is not training time)."""
+
+    def __init__(self):
+        self.from_step, self.since = None, None
+
+    def restart(self, step: int) -> None:
+        self.from_step, self.since = step, time.perf_counter()
+
+    def steps_per_second(self, step: int) -> float | None:
+        """None until a step after the compiling one has finished."""
+        if self.since is None or step <= self.from_step:
+            return None
+        return (step - self.from_step) / max(time.perf_counter() - self.since, 1e-9)
+
+
+def progress_line(step: int, total: int, steps_per_second: float | None, images_per_second: float | None,
                   width: int = 20) -> str:
-    """`[=====>     ] 120/300  40% | 3.10 steps/s, 24.8 img/s, ETA 0:00:58`."""
+    """`[=====>     ] 120/300  40% | 3.10 steps/s, 24.8 img/s, ETA 0:00:58` (speed and ETA `--` until
+    measured)."""
     done = min(step / max(total, 1), 1.0)
     filled = int(done * width)
     bar = "=" * filled + (">" if filled < width else "") + " " * (width - filled - 1)
+    if steps_per_second is None:
+        return f"[{bar}] {step}/{total} {done:4.0%} | -- steps/s, -- img/s, ETA --"
     eta = int(round((total - step) / max(steps_per_second, 1e-9)))
     return (f"[{bar}] {step}/{total} {done:4.0%} | {steps_per_second:.2f} steps/s, "
             f"{images_per_second:.1f} img/s, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")

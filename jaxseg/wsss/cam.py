@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
 from jaxseg.ops.image import normalize
 from jaxseg.ops.resize import resize
 
@@ -62,7 +63,7 @@ def multiscale_cams(cam_fn: CamFn, image: Array, labels: Array, patch_size: int,
         scaled = resize(jnp.asarray(image, jnp.float32), size, method="bicubic", antialias=True, axes=(0, 1))
         rows, cols = size[0] // patch_size * patch_size, size[1] // patch_size * patch_size
         if rows == 0 or cols == 0:
-            raise ValueError(f"scale {scale} makes the {height}x{width} image smaller than one patch")
+            raise UserError(f"scale {scale} makes the {height}x{width} image smaller than one patch")
         scaled = scaled[:rows, :cols]
         for flip in (False, True):
             view = scaled[:, ::-1] if flip else scaled

@@ -9,6 +9,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxseg.errors import MissingDependencyError, UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class CrfParams:
@@ -30,8 +32,9 @@ def _densecrf():
         import pydensecrf.densecrf as dcrf
         import pydensecrf.utils as utils
     except ImportError:
-        raise ImportError("dense CRF needs the optional dependency pydensecrf: pip install 'jaxseg[crf]' "
-                          "(the maintained pydensecrf2 package; it builds from source in about a minute)") from None
+        raise MissingDependencyError("dense CRF needs the optional dependency pydensecrf: pip install "
+                                     "'jaxseg[crf]' (the maintained pydensecrf2 package; it builds from source in "
+                                     "about a minute)") from None
     return dcrf, utils
 
 
@@ -49,8 +52,8 @@ def _infer(image: np.ndarray, unary: np.ndarray, num_labels: int, params: CrfPar
 
 def _check_image(image: np.ndarray, size: tuple) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[:2] != size:
-        raise ValueError(f"CRF needs the uint8 (H, W, 3) image of the labels' size {size}, got "
-                         f"{image.dtype} {image.shape}")
+        raise UserError(f"CRF needs the uint8 (H, W, 3) image of the labels' size {size}, got "
+                        f"{image.dtype} {image.shape}")
 
 
 def crf_from_labels(image: np.ndarray, label_map: np.ndarray, params: CrfParams,

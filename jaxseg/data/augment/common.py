@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from jaxseg.errors import UserError
 from jaxseg.ops.image import IMAGENET_MEAN, IMAGENET_STD
 
 # Value written where padding adds pixels: void / ignore for labels, 0 for ids, black for images.
@@ -25,7 +26,7 @@ def _spatial_keys(example: dict) -> list[str]:
     unknown = [k for k, v in example.items() if isinstance(v, np.ndarray) and v.ndim >= 2
                and k not in FILL_VALUES]
     if unknown:
-        raise ValueError(f"unknown per-pixel keys {unknown}; known: {sorted(FILL_VALUES)}")
+        raise UserError(f"unknown per-pixel keys {unknown}; known: {sorted(FILL_VALUES)}")
     return [k for k in FILL_VALUES if k in example]
 
 
@@ -88,7 +89,7 @@ def pad_to(example: dict, size: tuple[int, int]) -> dict:
 def random_crop(example: dict, rng: np.random.Generator, size: tuple[int, int]) -> dict:
     height, width = example["image"].shape[:2]
     if height < size[0] or width < size[1]:
-        raise ValueError(f"cannot crop {size} from a {height}x{width} example; pad first")
+        raise UserError(f"cannot crop {size} from a {height}x{width} example; pad first")
     top = int(rng.integers(0, height - size[0] + 1))
     left = int(rng.integers(0, width - size[1] + 1))
     return _map_spatial(example, lambda a, _: a[top:top + size[0], left:left + size[1]].copy())

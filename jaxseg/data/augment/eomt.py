@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from jaxseg.data.augment.common import pad_to, random_crop, random_hflip, resize
+from jaxseg.errors import UserError
 
 
 def scale_jitter(example: dict, rng: np.random.Generator, target_size: tuple[int, int],
@@ -68,14 +69,14 @@ def mask_targets(semantic: np.ndarray | None = None, panoptic: np.ndarray | None
     Returns {"masks": (S, H, W) bool, "labels": (S,) int32, "valid": (S,) bool}; segments beyond
     `max_segments` are dropped (the largest are kept)."""
     if (semantic is None) == (panoptic is None):
-        raise ValueError("give exactly one of semantic labels or panoptic ids")
+        raise UserError("give exactly one of semantic labels or panoptic ids")
     if semantic is not None:
         classes = [c for c in np.unique(semantic) if c != ignore_index]
         masks = [semantic == c for c in classes]
         labels = classes
     else:
         if segments is None:
-            raise ValueError("panoptic ids need their segment table")
+            raise UserError("panoptic ids need their segment table")
         ids = np.asarray(segments["id"])
         crowd = np.asarray(segments.get("iscrowd", np.zeros(len(ids), bool)), bool)
         masks = [panoptic == i for i in ids[~crowd]]
@@ -108,4 +109,4 @@ def eomt_train_example(example: dict, rng: np.random.Generator, crop_size: tuple
             targets = mask_targets(panoptic=x["panoptic"], segments=segments, max_segments=max_segments)
         if targets["valid"].any():
             return {"image": x["image"], **targets}
-    raise ValueError(f"no segment survived {max_attempts} augmentation attempts; is the example empty?")
+    raise UserError(f"no segment survived {max_attempts} augmentation attempts; is the example empty?")

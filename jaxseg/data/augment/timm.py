@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from jaxseg.data.augment.common import _on_image, _pil_spatial, normalize_image, random_hflip, resize
+from jaxseg.errors import UserError
 from jaxseg.ops.image import IMAGENET_MEAN
 
 
@@ -186,7 +187,7 @@ def weaktr_stage1_example(example: dict, rng: np.random.Generator, size: int = 2
     flip, normalisation, for images whose labels hold for small crops no more (a random resized crop
     keeps as little as 8 % of the image, while the labels still name every object in the whole image)."""
     if augmentation not in STAGE1_AUGMENTATIONS:
-        raise ValueError(f"augmentation must be one of {STAGE1_AUGMENTATIONS}, got {augmentation!r}")
+        raise UserError(f"augmentation must be one of {STAGE1_AUGMENTATIONS}, got {augmentation!r}")
     x = {"image": example["image"]}
     if augmentation == "flip":
         x = random_hflip(resize(x, (size, size)), rng)

@@ -34,6 +34,9 @@ _DOWNLOADS = "https://www.cityscapes-dataset.com/downloads/ (registration needed
 _IMAGES = f"leftImg8bit_trainvaltest.zip ({_DOWNLOADS})"
 _LABELS = f"gtFine_trainvaltest.zip ({_DOWNLOADS})"
 _IMAGE_SUFFIX = "_leftImg8bit.png"
+# The 19 evaluated classes by train id.
+CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+               "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 
 # labelId -> trainId of the 19 evaluated classes; every other labelId (void, and classes such as
 # "parking" or "guard rail" that are annotated but not evaluated) is ignored.

@@ -40,6 +40,7 @@ from jaxseg.data.builders.manual import (
     semantic_example,
     semantic_features,
 )
+from jaxseg.errors import UserError
 
 NUM_CATEGORIES = 133
 _IMAGES = "{folder}.zip (http://images.cocodataset.org/zips/{folder}.zip)"
@@ -52,7 +53,7 @@ def _categories(annotations: dict, name: str) -> list[dict]:
     table = [{"id": index, "coco_id": c["id"], "name": c["name"], "isthing": bool(c["isthing"])}
              for index, c in enumerate(annotations["categories"])]
     if len(table) != NUM_CATEGORIES:
-        raise ValueError(f"{name} has {len(table)} categories, expected COCO panoptic's {NUM_CATEGORIES}")
+        raise UserError(f"{name} has {len(table)} categories, expected COCO panoptic's {NUM_CATEGORIES}")
     return table
 
 
@@ -96,7 +97,7 @@ class JaxsegCocoPanoptic(ManualBuilder):
             if table is None:
                 table = _categories(annotations, json_path)
             elif _categories(annotations, json_path) != table:
-                raise ValueError(f"{json_path} has other categories than the train json")
+                raise UserError(f"{json_path} has other categories than the train json")
             categories = {c["coco_id"]: c for c in table}
             images = {image["id"]: image["file_name"] for image in annotations["images"]}
             items = []

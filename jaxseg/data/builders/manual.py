@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import io
+import logging
 import multiprocessing
 import os
 import textwrap
@@ -33,6 +34,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
+
+from jaxseg.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Examples generated per round by the worker processes: bounds the finished examples held in memory.
 _BLOCK = 512
@@ -72,9 +77,17 @@ class JaxsegBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """`num_workers`: processes generating examples (default: one per CPU; 1: this process only).
         Other arguments: those of `tfds.core.GeneratorBasedBuilder` (`config`, `data_dir`, ...)."""
         if num_workers is not None and num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers!r}")
+            raise UserError(f"num_workers must be >= 1, got {num_workers!r}")
         self._num_workers = num_workers or os.cpu_count() or 1
         super().__init__(**kwargs)
+
+    # TFDS prints (not logs) its notes, with sizes a generated dataset does not know ("Unknown size"):
+    # one line through logging instead, which the tools show and a library user can silence.
+    def _log_download_bytes(self) -> None:
+        log.info("building %s into %s (once: later runs reuse it)", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _map(self, make: Callable[[Any], dict], items: Sequence) -> Iterator[dict]:
         """`make` over `items`, in order, in the worker processes."""
@@ -139,8 +152,8 @@ class ManualBuilder(JaxsegBuilder, skip_registration=True):
                              download_config: tfds.download.DownloadConfig | None = None, **kwargs) -> None:
         config = download_config or tfds.download.DownloadConfig()
         if self._given_manual_dir is not None and config.manual_dir is not None:
-            raise ValueError(f"manual_dir given twice: {self._given_manual_dir} to the builder and "
-                             f"{config.manual_dir} in download_config")
+            raise UserError(f"manual_dir given twice: {self._given_manual_dir} to the builder and "
+                            f"{config.manual_dir} in download_config")
         # Resolved here rather than left to TFDS (same default) so that the errors can name it.
         manual_dir = (self._given_manual_dir or config.manual_dir
                       or epath.Path(download_dir or self.data_dir_root / "downloads") / "manual")
@@ -187,8 +200,8 @@ def image_png(path: epath.Path, shape: tuple[int, int]) -> bytes:
     """The image at `path` as RGB PNG bytes; its (H, W) must be `shape`, that of its labels."""
     with Image.open(path) as image:
         if (image.height, image.width) != tuple(shape):
-            raise ValueError(f"{path} is {image.height}x{image.width} (HxW) but its labels are "
-                             f"{shape[0]}x{shape[1]}")
+            raise UserError(f"{path} is {image.height}x{image.width} (HxW) but its labels are "
+                            f"{shape[0]}x{shape[1]}")
         if image.format == "PNG" and image.mode == "RGB":
             return path.read_bytes()  # already what the feature stores: skip a slow re-encoding
         return png(np.asarray(image.convert("RGB")))
@@ -198,7 +211,7 @@ def read_label(path: epath.Path) -> np.ndarray:
     """(H, W) uint8 ids of a single-channel label PNG (greyscale, or palette indices, as VOC's)."""
     with Image.open(path) as image:
         if image.mode not in ("L", "P"):
-            raise ValueError(f"{path}: expected a greyscale or palette label PNG, got mode {image.mode}")
+            raise UserError(f"{path}: expected a greyscale or palette label PNG, got mode {image.mode}")
         return np.asarray(image)
 
 

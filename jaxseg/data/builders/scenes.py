@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds
 
 from jaxseg.data.builders.manual import JaxsegBuilder, png, scalar, segments_feature
 from jaxseg.data.synthetic import SceneConfig, categories, generate_scene
+from jaxseg.errors import UserError
 
 # Scene index of the first validation example; training scenes are 0..num_train-1, below it.
 VALIDATION_OFFSET = 1_000_000_000
@@ -57,12 +58,12 @@ class ScenesConfig(tfds.core.BuilderConfig):
 
     def __post_init__(self):
         if not _CONFIG_NAME.fullmatch(self.name):
-            raise ValueError(f"config name must match {_CONFIG_NAME.pattern}, got {self.name!r}")
+            raise UserError(f"config name must match {_CONFIG_NAME.pattern}, got {self.name!r}")
         if not (isinstance(self.num_train, int) and 1 <= self.num_train <= VALIDATION_OFFSET):
-            raise ValueError(f"num_train must be an integer in 1..{VALIDATION_OFFSET}, "
-                             f"got {self.num_train!r}")
+            raise UserError(f"num_train must be an integer in 1..{VALIDATION_OFFSET}, "
+                            f"got {self.num_train!r}")
         if not (isinstance(self.num_val, int) and self.num_val >= 1):
-            raise ValueError(f"num_val must be an integer >= 1, got {self.num_val!r}")
+            raise UserError(f"num_val must be an integer >= 1, got {self.num_val!r}")
 
     def parameters(self) -> dict:
         """Everything that determines the examples, in the JSON form that metadata.json stores."""

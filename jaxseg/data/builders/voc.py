@@ -42,6 +42,9 @@ _SBD_TGZ = ("benchmark.tgz (SBD, http://www.eecs.berkeley.edu/Research/Projects/
             "semantic_contours/benchmark.tgz)")
 _VOC = "VOCdevkit/VOC2012"
 _SBD = "benchmark_RELEASE/dataset"
+# The 20 classes, label c + 1 (0 is the background).
+CLASS_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 
 def _names(files: ManualDir, relative: str, download: str) -> set[str]:

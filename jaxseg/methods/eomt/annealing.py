@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
+
 
 def mask_annealing_windows(total_steps: int, num_blocks: int) -> tuple[list[int], list[int]]:
     """(starts, ends) of EoMT's per-block mask-annealing windows, as in the official configs.
@@ -18,7 +20,9 @@ def mask_annealing_windows(total_steps: int, num_blocks: int) -> tuple[list[int]
     starts [14782, 29564, 44346, 59128], ends [29564, 44346, 59128, 73910]).
     """
     if total_steps < 6 or num_blocks < 1:
-        raise ValueError(f"need total_steps >= 6 and num_blocks >= 1, got {total_steps}, {num_blocks}")
+        raise UserError(f"the mask-annealing windows need total_steps >= 6 (train.total_steps) and num_blocks >= 1 "
+                        f"(model.num_query_blocks), got {total_steps} and {num_blocks}; or give "
+                        f"method.annealing.starts and ends")
     sixth = total_steps / 6
     spacing = 3 * sixth / (num_blocks - 1) if num_blocks > 1 else 0.0
     starts = [sixth + k * spacing for k in range(num_blocks)]
@@ -32,8 +36,8 @@ def mask_annealing_probs(step, starts: Sequence[int], ends: Sequence[int], power
     starts = np.asarray(starts, np.float32)
     ends = np.asarray(ends, np.float32)
     if starts.shape != ends.shape or np.any(ends <= starts):
-        raise ValueError(f"annealing windows need matching starts < ends, got {starts.tolist()} / "
-                         f"{ends.tolist()}")
+        raise UserError(f"annealing windows need matching starts < ends, got {starts.tolist()} / "
+                        f"{ends.tolist()}")
     step = jnp.asarray(step, jnp.float32)
     progress = jnp.clip((step - starts) / (ends - starts), 0.0, 1.0)
     return (1.0 - progress) ** power

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxseg.config import module_settings
+from jaxseg.config import check_rules, module_settings, setting
 from jaxseg.data.augment.eomt import eomt_train_example
 from jaxseg.data.datasets import DataConfig
+from jaxseg.errors import UserError
 from jaxseg.losses.mask_classification import SetLossConfig, Targets, set_loss
-from jaxseg.methods.base import choose
+from jaxseg.methods.base import check_crop_fits_patches, choose
 from jaxseg.methods.eomt.annealing import mask_annealing_probs, mask_annealing_windows
 from jaxseg.methods.eomt.predictors import PREDICTORS, mask_example
 from jaxseg.metrics.accumulators import InstanceMetric, PanopticMetric, SemanticMetric
@@ -30,12 +31,15 @@ class EomtOptimizer:
     """The recipe (a config's `optimizer` section): AdamW (wd on all parameters), LLRD over the encoder,
     heads warming up over warmup[0] steps, the encoder frozen (lr 0, moments accumulating) for warmup[0]
     steps and warming up over warmup[1], then poly decay; gradients clipped to a global norm."""
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    layer_decay: float = 0.8
-    warmup: tuple[int, int] = (500, 1000)
-    clip_norm: float = 0.01
-    power: float = 0.9
+    lr: float = setting(1e-4, "finite and >= 0")
+    weight_decay: float = setting(0.05, "finite and >= 0")
+    layer_decay: float = setting(0.8, "in [0, 1]")
+    warmup: tuple[int, int] = setting((500, 1000), ">= 0")
+    clip_norm: float = setting(0.01, "> 0")
+    power: float = setting(0.9, ">= 0")
+
+    def __post_init__(self):
+        check_rules(self)
 
     def build(self, params: Any, total_steps: int, depth: int) -> optax.GradientTransformation:
         labels = regex_labels(params, [(r"^encoder/", "backbone")], "head")
@@ -50,9 +54,12 @@ class EomtOptimizer:
 class Annealing:
     """Per-block (starts, ends) of the masked-attention annealing windows; empty: the official T/6 rule
     (`mask_annealing_windows`)."""
-    starts: tuple[int, ...] = ()
-    ends: tuple[int, ...] = ()
-    power: float = 0.9
+    starts: tuple[int, ...] = setting((), ">= 0")
+    ends: tuple[int, ...] = setting((), ">= 0")
+    power: float = setting(0.9, ">= 0")
+
+    def __post_init__(self):
+        check_rules(self)
 
 
 @dataclasses.dataclass
@@ -60,6 +67,7 @@ class EomtMethod:
     """`segmentation` picks the targets and the predictors: "semantic" (one mask per class present),
     "panoptic" (one mask per segment, crowd dropped) or "instance" (thing segments only). Categories
     0..num_things-1 are the things."""
+    network_class: ClassVar[type] = EoMT
     optimizer_class: ClassVar[type] = EomtOptimizer
     predictors: ClassVar[dict] = PREDICTORS
     metrics: ClassVar[dict] = {"semantic": SemanticMetric, "panoptic": PanopticMetric, "instance": InstanceMetric}
@@ -70,28 +78,31 @@ class EomtMethod:
     data: DataConfig
     segmentation: str = "panoptic"
     num_things: int = 0
-    crop_size: int = 640
-    scale_range: tuple[float, float] = (0.1, 2.0)
+    crop_size: int = setting(640, ">= 1")
+    scale_range: tuple[float, float] = setting((0.1, 2.0), "> 0")
     color_jitter: bool = False
-    max_segments: int = 100
+    max_segments: int = setting(100, ">= 1")
     set_loss: SetLossConfig = SetLossConfig()
     annealing: Annealing = Annealing()
 
     def __post_init__(self):
+        check_rules(self)
         if self.segmentation not in SEGMENTATIONS:
-            raise ValueError(f"method.segmentation must be one of {SEGMENTATIONS}, got {self.segmentation!r}")
+            raise UserError(f"method.segmentation must be one of {SEGMENTATIONS}, got {self.segmentation!r}")
         self.model = module_settings(self.model)
-        self.network = EoMT(**self.model)
+        self.network = self.network_class(**self.model)
+        check_crop_fits_patches(self.crop_size, self.model)
+        self.label_space = self.data.ground_truth  # EoMT learns the dataset's own labels
         self.num_classes = self.model["num_classes"]
         if not 0 <= self.num_things <= self.num_classes:
-            raise ValueError(f"method.num_things {self.num_things} must lie in [0, {self.num_classes}]")
+            raise UserError(f"method.num_things {self.num_things} must lie in [0, {self.num_classes}]")
         self.is_thing = np.arange(self.num_classes) < self.num_things
         self.num_blocks = self.model["num_query_blocks"]
         if self.annealing.starts or self.annealing.ends:
             self.windows = (list(self.annealing.starts), list(self.annealing.ends))
             if len(self.windows[0]) != self.num_blocks or len(self.windows[1]) != self.num_blocks:
-                raise ValueError(f"method.annealing needs {self.num_blocks} starts and ends (one per query "
-                                 f"block), got {self.windows}")
+                raise UserError(f"method.annealing needs {self.num_blocks} starts and ends (one per query "
+                                f"block), got {self.windows}")
         else:
             self.windows = mask_annealing_windows(self.total_steps, self.num_blocks)
 
@@ -118,8 +129,8 @@ class EomtMethod:
         if self.segmentation == "semantic":
             return None
         if "segments" not in example:
-            raise ValueError(f"{self.segmentation} training needs panoptic annotations (ids and a segment "
-                             "table); this dataset has semantic labels only: use method.segmentation='semantic'")
+            raise UserError(f"{self.segmentation} training needs panoptic annotations (ids and a segment "
+                            "table); this dataset has semantic labels only: use method.segmentation='semantic'")
         segments = example["segments"]
         if self.segmentation == "instance":
             segments = {k: v[segments["is_thing"]] for k, v in segments.items()}

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxseg.config import module_settings
+from jaxseg.config import check_rules, module_settings, setting
 from jaxseg.data.augment.mmseg import weaktr_stage2_example
 from jaxseg.data.datasets import DataConfig
+from jaxseg.errors import UserError
 from jaxseg.losses.gradient_clipping import gradient_clipping_loss, pixel_cross_entropy
-from jaxseg.methods.base import choose
+from jaxseg.methods.base import check_crop_fits_patches, choose
 from jaxseg.methods.segmenter.predictors import MultiScaleFlipPredictor
 from jaxseg.metrics.accumulators import SemanticMetric
 from jaxseg.models.segmenter import Segmenter
@@ -34,17 +35,18 @@ class SegmenterOptimizer:
     `name="adamw"` (with a linear warm-up over `warmup_steps`) trains small models from scratch, where SGD
     stays at the background prior."""
     name: str = "sgd"
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    encoder_multiplier: float = 0.1
-    momentum: float = 0.9
-    power: float = 0.9
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr: float = setting(1e-4, "finite and >= 0")
+    min_lr: float = setting(1e-5, "finite and >= 0")
+    encoder_multiplier: float = setting(0.1, "finite and >= 0")
+    momentum: float = setting(0.9, "in [0, 1]")
+    power: float = setting(0.9, ">= 0")
+    weight_decay: float = setting(0.0, "finite and >= 0")
+    warmup_steps: int = setting(0, ">= 0")
 
     def __post_init__(self):
+        check_rules(self)
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
+            raise UserError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
 
     def build(self, params: Any, total_steps: int) -> optax.GradientTransformation:
         multipliers = jax.tree_util.tree_map(lambda name: self.encoder_multiplier if name.startswith("encoder/")
@@ -64,6 +66,8 @@ class SegmenterOptimizer:
 class SegmenterMethod:
     """`base_size` is the short side the mmseg rescale (and the predictor's scale 1) aims at; `clipping`,
     `clip_cell_size`, `start_value`: the gradient-clipping loss (`jaxseg.losses.gradient_clipping`)."""
+    network_class: ClassVar[type] = Segmenter
+    label_space: ClassVar[str] = "wsss"  # trained on pseudo-labels or on ground truth mapped to them
     optimizer_class: ClassVar[type] = SegmenterOptimizer
     predictors: ClassVar[dict] = {"sliding": MultiScaleFlipPredictor}
     metrics: ClassVar[dict] = {"semantic": SemanticMetric}
@@ -72,21 +76,23 @@ class SegmenterMethod:
     total_steps: int
     batch_size: int
     data: DataConfig
-    crop_size: int = 480
-    base_size: int = 520
-    ratio_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: int = setting(480, ">= 1")
+    base_size: int = setting(520, ">= 1")
+    ratio_range: tuple[float, float] = setting((0.5, 2.0), "> 0")
     photometric: bool = True
     clipping: bool = True
-    clip_cell_size: int = 120
-    start_value: float = 1.2
+    clip_cell_size: int = setting(120, ">= 1")
+    start_value: float = setting(1.2, "finite and >= 0")
 
     def __post_init__(self):
+        check_rules(self)
         self.model = module_settings(self.model)
-        self.network = Segmenter(**self.model)
+        self.network = self.network_class(**self.model)
+        check_crop_fits_patches(self.crop_size, self.model)
         self.num_foreground = self.model["num_classes"] - 1
         if self.clipping and not self.data.pseudo_labels_dir:
-            raise ValueError("the gradient-clipping loss is for pseudo-labels: set data.pseudo_labels_dir (written "
-                             "by tools/make_pseudo_labels.py) or method.clipping=False to train on ground truth")
+            raise UserError("the gradient-clipping loss is for pseudo-labels: set data.pseudo_labels_dir (written "
+                            "by tools/make_pseudo_labels.py) or method.clipping=False to train on ground truth")
         # Pseudo-labels are written in the WSSS space; ground truth comes in the dataset's.
         self.train_labels = "wsss" if self.data.pseudo_labels_dir else self.data.ground_truth
 

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxseg.config import module_settings
+from jaxseg.config import check_rules, module_settings, setting
 from jaxseg.data.augment.timm import STAGE1_AUGMENTATIONS, weaktr_stage1_example
 from jaxseg.data.datasets import DataConfig
+from jaxseg.errors import UserError
 from jaxseg.losses.multilabel import cam_loss
-from jaxseg.methods.base import choose
+from jaxseg.methods.base import check_crop_fits_patches, choose
 from jaxseg.methods.weaktr.predictors import CamPredictor
 from jaxseg.metrics.accumulators import CamSweepMetric
 from jaxseg.models.weaktr import WeakTr
@@ -39,11 +40,14 @@ def timm_cosine_per_epoch(base_lr: float, steps_per_epoch: int, epochs: int, *, 
 class WeakTrOptimizer:
     """AdamW (eps 1e-8, weight decay on every parameter) on timm's per-epoch cosine (a config's
     `optimizer` section)."""
-    lr: float = 6e-4 * 64 / 512
-    weight_decay: float = 0.03
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
+    lr: float = setting(6e-4 * 64 / 512, "finite and >= 0")
+    weight_decay: float = setting(0.03, "finite and >= 0")
+    warmup_epochs: int = setting(5, ">= 0")
+    warmup_lr: float = setting(1e-6, "finite and >= 0")
+    min_lr: float = setting(1e-5, "finite and >= 0")
+
+    def __post_init__(self):
+        check_rules(self)
 
     def build(self, params: Any, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
         labels = jax.tree_util.tree_map(lambda _: "all", params)
@@ -57,6 +61,8 @@ class WeakTrOptimizer:
 class WeakTrMethod:
     """`steps_per_epoch` paces the schedule (the run is a whole number of epochs); C = the model's
     `num_classes` foreground classes, the first C entries of the dataset's image labels."""
+    network_class: ClassVar[type] = WeakTr
+    label_space: ClassVar[str] = "wsss"  # pseudo-labels: background 0, foreground class c as c + 1
     optimizer_class: ClassVar[type] = WeakTrOptimizer
     predictors: ClassVar[dict] = {"cams": CamPredictor}
     metrics: ClassVar[dict] = {"cam_sweep": CamSweepMetric}
@@ -65,19 +71,21 @@ class WeakTrMethod:
     total_steps: int
     batch_size: int
     data: DataConfig
-    steps_per_epoch: int = 1
-    crop_size: int = 224
+    steps_per_epoch: int = setting(1, ">= 1")
+    crop_size: int = setting(224, ">= 1")
     augmentation: str = "timm"
 
     def __post_init__(self):
+        check_rules(self)
         self.model = module_settings(self.model)
-        self.network = WeakTr(**self.model)
+        self.network = self.network_class(**self.model)
+        check_crop_fits_patches(self.crop_size, self.model)
         self.num_classes = self.model["num_classes"]
         if self.steps_per_epoch < 1 or self.total_steps % self.steps_per_epoch:
-            raise ValueError(f"train.total_steps {self.total_steps} must be a whole number of epochs of "
-                             f"method.steps_per_epoch={self.steps_per_epoch} steps")
+            raise UserError(f"train.total_steps {self.total_steps} must be a whole number of epochs of "
+                            f"method.steps_per_epoch={self.steps_per_epoch} steps")
         if self.augmentation not in STAGE1_AUGMENTATIONS:  # fail here, not in the data workers
-            raise ValueError(f"method.augmentation must be one of {STAGE1_AUGMENTATIONS}, got {self.augmentation!r}")
+            raise UserError(f"method.augmentation must be one of {STAGE1_AUGMENTATIONS}, got {self.augmentation!r}")
 
     def init_params(self, rng: jax.Array) -> Any:
         return self.network.init({"params": rng}, jnp.zeros((1, self.crop_size, self.crop_size, 3)))["params"]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.errors import UserError
 from jaxseg.ops.image import normalize
 from jaxseg.wsss.cam import image_cams, pseudo_label, wsss_semantic
 
@@ -30,9 +31,9 @@ class CamPredictor:
                  scales: Sequence[float] = (1.0, 1.2), refine: bool = True,
                  threshold: float = PSEUDO_LABEL_THRESHOLD, labels: str = "given"):
         if labels not in LABEL_SOURCES:
-            raise ValueError(f"the CAM predictor's labels must be one of {LABEL_SOURCES}, got {labels!r}")
+            raise UserError(f"the CAM predictor's labels must be one of {LABEL_SOURCES}, got {labels!r}")
         if not 0 <= threshold <= 1:
-            raise ValueError(f"the CAM predictor's threshold must lie in [0, 1], got {threshold}")
+            raise UserError(f"the CAM predictor's threshold must lie in [0, 1], got {threshold}")
         self.network, self.num_classes, self.label_space = network, num_classes, label_space
         self.scales, self.refine, self.threshold, self.labels = tuple(scales), refine, threshold, labels
         self.patch = network.encoder["patch_size"]
@@ -44,12 +45,12 @@ class CamPredictor:
         image = np.asarray(example["image"])
         rows, cols = image.shape[0] // self.patch * self.patch, image.shape[1] // self.patch * self.patch
         if rows == 0 or cols == 0:
-            raise ValueError(f"the {image.shape[0]}x{image.shape[1]} image is smaller than one {self.patch} px patch")
+            raise UserError(f"the {image.shape[0]}x{image.shape[1]} image is smaller than one {self.patch} px patch")
         if self.labels == "predicted":
             return {"image": image}
         if "labels" not in example:
-            raise ValueError("the CAM predictor takes the images' labels (labels='given'), and this example has "
-                             "none: use labels='predicted'")
+            raise UserError("the CAM predictor takes the images' labels (labels='given'), and this example has "
+                            "none: use labels='predicted'")
         return {"image": image, "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
 
     def targets(self, example: dict) -> dict:

@@ -1,0 +1,113 @@
+"""Converts a local timm / DeiT / DINOv2 ViT checkpoint, or an official WeakTr / MCTformer-V2 stage-1
+checkpoint, to jaxseg params.
+
+    jaxseg-convert --input vit_small_patch14_reg4_dinov2.safetensors \\
+        --output dinov2_s.msgpack --patch-size 16 --image-size 640
+    jaxseg-convert --input WeakTr_checkpoint_best_mIoU.pth --output weaktr.msgpack
+    jaxseg-convert --input deit_small_patch16_224-cd65a155.pth \\
+        --output deit_s_cls20.msgpack --num-cls-tokens 20 --no-final-norm
+    (or: python tools/convert_weights.py ...)
+
+The last one is WeakTr's stage-1 initialisation (configs/weaktr/voc_cam.py, init_checkpoint=): DeiT-S
+with its class token and that token's position entry repeated once per class, without the final norm
+that stage 1 never applies.
+
+Input: .safetensors, or .pth/.pt/.bin (read with torch.load(weights_only=True); needs torch). A file
+that cannot be read, or that holds NaN or Inf weights, is refused.
+Layout (--layout): "timm" (a ViT, see jaxseg.convert.from_timm) or "weaktr" (see
+jaxseg.convert.from_official_weaktr: C class tokens, a conv `head`, the AAF); by default "weaktr" when
+`head.weight` is a convolution kernel.
+Output: a .msgpack file, or any other name for an orbax directory (ViT params only); see
+jaxseg.convert.params_io. A WeakTr output holds the `WeakTr` keyword arguments as its config.
+"""
+import argparse
+import sys
+
+import jax
+import numpy as np
+
+from jaxseg import cli
+from jaxseg.convert import from_official_weaktr, from_timm, load_state_dict
+from jaxseg.convert.params_io import FORMATS, format_for, save_params
+from jaxseg.convert.timm import DEFAULT_IGNORE
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(values) == 1:
+        return values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    return values
+
+
+LAYOUTS = ("timm", "weaktr")
+
+
+def detect_layout(state_dict) -> str:
+    """"weaktr" when the head is WeakTr's 3x3 CAM convolution (a timm classifier head is a Linear)."""
+    head = state_dict.get("head.weight")
+    return "weaktr" if head is not None and head.ndim == 4 else "timm"
+
+
+def parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(__doc__)
+    parser.add_argument("--input", required=True, help="state dict file")
+    parser.add_argument("--output", required=True, help="output .msgpack file or orbax directory")
+    parser.add_argument("--format", choices=FORMATS, help="default: from the output name")
+    parser.add_argument("--layout", choices=LAYOUTS, help="checkpoint layout (default: detected)")
+    parser.add_argument("--patch-size", type=int, help="resample the patch kernel to this size")
+    parser.add_argument("--image-size", type=_size, help="resample the position embedding for N or HxW")
+    parser.add_argument("--posemb-grid", type=_size, help="resample the position embedding to a grid")
+    prefix = parser.add_mutually_exclusive_group()
+    prefix.add_argument("--no-posemb-prefix", dest="posemb_covers_prefix", action="store_false",
+                        default=None, help="fold class/register position entries into the tokens")
+    prefix.add_argument("--posemb-prefix", dest="posemb_covers_prefix", action="store_true",
+                        help="give the position embedding (zero) entries for class/register tokens")
+    parser.add_argument("--num-heads", type=int, help="needed for non-standard widths")
+    parser.add_argument("--num-cls-tokens", type=int, metavar="C",
+                        help="repeat the single class token (and its position entry) C times, as WeakTr "
+                             "initialises its C class tokens from DeiT (timm layout)")
+    parser.add_argument("--no-final-norm", dest="final_norm", action="store_false", default=None,
+                        help="drop the final norm weights (timm layout; WeakTr stage 1 never applies it)")
+    parser.add_argument("--source-grid", type=_size, help="grid of a non-square source posemb")
+    parser.add_argument("--ignore", action="append", default=list(DEFAULT_IGNORE),
+                        help="regex of state-dict names to drop (repeatable, timm layout); default: heads")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return parser
+
+
+def convert(args) -> int:
+    overrides = {k: v for k, v in dict(
+        patch_size=args.patch_size, image_size=args.image_size, posemb_grid=args.posemb_grid,
+        posemb_covers_prefix=args.posemb_covers_prefix, num_heads=args.num_heads,
+        num_cls_tokens=args.num_cls_tokens, final_norm=args.final_norm).items() if v is not None}
+    state_dict = load_state_dict(args.input)
+    layout = args.layout or detect_layout(state_dict)
+    if layout == "weaktr":
+        if {"num_cls_tokens", "final_norm"} & set(overrides):
+            raise cli.UserError("--num-cls-tokens and --no-final-norm are for timm-layout ViTs: a WeakTr "
+                                "checkpoint already has its C class tokens and no final norm")
+        if (args.format or format_for(args.output)) != "msgpack":
+            raise cli.UserError("a WeakTr output must be a .msgpack file: orbax directories are read back "
+                                "as plain ViT params")
+        config, params = from_official_weaktr(state_dict, source_grid=args.source_grid, **overrides)
+    else:
+        config, params = from_timm(state_dict, ignore=args.ignore, source_grid=args.source_grid, **overrides)
+    path = save_params(args.output, config, params, args.format, overwrite=args.overwrite)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    print(f"wrote {path} ({layout} layout, {count / 1e6:.2f}M parameters)")
+    print("model config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(parser(), convert, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
