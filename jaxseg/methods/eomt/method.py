@@ -54,8 +54,8 @@ class EomtOptimizer:
 class Annealing:
     """Per-block (starts, ends) of the masked-attention annealing windows; empty: the official T/6 rule
     (`mask_annealing_windows`)."""
-    starts: tuple[int, ...] = setting((), ">= 0")
-    ends: tuple[int, ...] = setting((), ">= 0")
+    starts: tuple[int, ...] = ()  # a window before step 0 (e.g. (-2,), (-1,)): masking annealed from the start
+    ends: tuple[int, ...] = ()
     power: float = setting(0.9, ">= 0")
 
     def __post_init__(self):
