@@ -1,4 +1,5 @@
-"""EoMT against Hugging Face's `EomtForUniversalSegmentation` (tiny random config, CPU, float32).
+"""EoMT against Hugging Face's `EomtForUniversalSegmentation` and `EomtDinov3ForUniversalSegmentation`
+(tiny random configs, CPU, float32).
 
 HF runs masked attention in eval mode wherever its `attn_mask_probs` buffer is > 0 and returns only the
 final prediction; the intermediate ones (one per query block, from that block's input) are recomputed
@@ -11,7 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import EomtConfig, EomtForUniversalSegmentation
+from transformers import (
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    EomtConfig,
+    EomtDinov3Config,
+    EomtDinov3ForUniversalSegmentation,
+    EomtForUniversalSegmentation,
+)
 
 from jaxseg.convert import WeightConversionError, from_hf_eomt, from_official_eomt, to_timm
 from jaxseg.models.eomt import EoMT, eomt_config
@@ -23,16 +31,36 @@ HF_CONFIG = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, mlp
                  num_upscale_blocks=2, layerscale_value=0.5)
 
 
-@pytest.fixture(scope="module")
-def hf_model():
+# DINOv3: RoPE instead of a position embedding, no key bias. (transformers' EoMT-DINOv3 uses `hidden_act`
+# for its heads too, so only the GELU MLP of the published S/B/L checkpoints is comparable.)
+HF_DINOV3_CONFIG = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                        image_size=64, patch_size=16, num_register_tokens=4, num_blocks=2, num_queries=6,
+                        num_labels=5, num_upscale_blocks=2, layerscale_value=0.5)
+
+
+def _random_hf(model_class, config):
     torch.manual_seed(0)
-    config = EomtConfig(**HF_CONFIG)
     config._attn_implementation = "eager"
-    model = EomtForUniversalSegmentation(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn_like(param) * (0.3 if param.ndim > 1 else 0.2))
     return model
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return _random_hf(EomtForUniversalSegmentation, EomtConfig(**HF_CONFIG))
+
+
+@pytest.fixture(scope="module")
+def hf_dinov3_model():
+    return _random_hf(EomtDinov3ForUniversalSegmentation, EomtDinov3Config(**HF_DINOV3_CONFIG))
+
+
+@pytest.fixture(params=["dinov2", "dinov3"])
+def any_hf_model(request):
+    return request.getfixturevalue({"dinov2": "hf_model", "dinov3": "hf_dinov3_model"}[request.param])
 
 
 def _images(seed=1):
@@ -59,7 +87,8 @@ def _hf_predictions(model, images, prob):
 
 
 @pytest.mark.parametrize("prob", [0.0, 1.0])
-def test_predictions_match_hf(hf_model, prob, record_property):
+def test_predictions_match_hf(any_hf_model, prob, record_property):
+    hf_model = any_hf_model
     config, params = from_hf_eomt(hf_model.state_dict(), hf_model.config)
     model = EoMT(**config)
     images = _images()
@@ -82,9 +111,9 @@ def test_predictions_match_hf(hf_model, prob, record_property):
         assert rel_err(final["mask_logits"][0], expected[-1][1]) <= TOL
 
 
-def test_masks_change_the_prediction(hf_model):
+def test_masks_change_the_prediction(any_hf_model):
     """p = 1 and p = 0 must differ, or the parity above would not test the masking at all."""
-    config, params = from_hf_eomt(hf_model.state_dict(), hf_model.config)
+    config, params = from_hf_eomt(any_hf_model.state_dict(), any_hf_model.config)
     model = EoMT(**config)
     outs = [model.apply({"params": params}, _images(), jnp.full((2,), p), rngs={"masking": jax.random.key(0)})
             for p in (0.0, 1.0)]
@@ -113,7 +142,12 @@ def _official_state_dict(config, params):
     """The tue-mps/eomt layout (under Lightning's `network.` prefix) of the same weights."""
     sd = {f"network.encoder.backbone.{k}": np.asarray(v)
           for k, v in to_timm(params["encoder"], config["encoder"]).items()}
-    sd["network.q.weight"] = params["queries"]
+    sd.update(_official_heads(params))
+    return sd
+
+
+def _official_heads(params):
+    sd = {"network.q.weight": params["queries"]}
     sd["network.class_head.weight"] = params["class_head"]["kernel"].T
     sd["network.class_head.bias"] = params["class_head"]["bias"]
     for i in range(3):
@@ -127,7 +161,7 @@ def _official_state_dict(config, params):
         sd[f"network.upscale.{i}.norm.weight"] = block["norm"]["scale"]
         sd[f"network.upscale.{i}.norm.bias"] = block["norm"]["bias"]
     sd["network.attn_mask_probs"] = np.zeros(2, np.float32)
-    return sd
+    return {k: np.asarray(v) for k, v in sd.items()}
 
 
 def test_official_layout_converts_to_the_same_model(hf_model):
@@ -206,3 +240,49 @@ def test_variant_parameter_counts_match_hf(size, width, depth, heads):
             patch_size=16, num_blocks=config["num_query_blocks"], num_queries=200, num_labels=133,
             use_swiglu_ffn=size == "g"))
     assert ours == sum(p.numel() for p in reference.parameters())
+
+
+def _dinov3_backbone(seed, **overrides):
+    """A random transformers DINOv3 ViT of the EoMT test's size (the 'published DINOv3 weights')."""
+    torch.manual_seed(seed)
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+            "num_register_tokens")
+    model = DINOv3ViTModel(DINOv3ViTConfig(**{**{k: HF_DINOV3_CONFIG[k] for k in keys}, **overrides}))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.2)
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_official_dinov3_delta_checkpoint(hf_dinov3_model):
+    """tue-mps/eomt publishes DINOv3 EoMT weights as differences from the DINOv3 backbone: the delta plus
+    the base gives the fine-tuned model (here, the transformers model), to float32 round-off."""
+    config, params = from_hf_eomt(hf_dinov3_model.state_dict(), hf_dinov3_model.config)
+    base = _dinov3_backbone(seed=1)
+    # transformers EoMT prefix -> (tue-mps/eomt backbone prefix, DINOv3ViTModel prefix)
+    renames = {"embeddings.": ("patch_embed.", "embeddings."), "layers.": ("blocks.", "model.layer."),
+               "layernorm.": ("norm.", "norm.")}
+    delta = {}
+    for key, value in hf_dinov3_model.state_dict().items():
+        old = next((o for o in renames if key.startswith(o)), None)
+        if old is None:
+            continue
+        official, dinov3 = renames[old]
+        name = key[len(old):]
+        delta[f"network.encoder.backbone.{official}{name}"] = value.numpy() - base[dinov3 + name]
+    delta.update(_official_heads(params))
+    # The eval-time tolerance of the heads and encoder: (fine-tuned - base) + base differs by round-off.
+    official_config, official_params = from_official_eomt(delta, num_query_blocks=2, base=base, num_heads=4,
+                                                          layernorm_eps=1e-6)
+    assert official_config["encoder"] == config["encoder"]
+    other = dict(jax.tree_util.tree_leaves_with_path(official_params))
+    for path, value in jax.tree_util.tree_leaves_with_path(params):
+        np.testing.assert_allclose(other[path], value, rtol=0, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+    with pytest.raises(WeightConversionError, match="pass the DINOv3 backbone file as the base"):
+        from_official_eomt(delta, num_query_blocks=2, num_heads=4)
+    with pytest.raises(WeightConversionError, match="does not match the checkpoint's encoder: depth 2"):
+        from_official_eomt(delta, num_query_blocks=2, num_heads=4,
+                           base=_dinov3_backbone(seed=1, num_hidden_layers=2))
+    with pytest.raises(WeightConversionError, match="not a DINOv3 ViT state dict"):
+        from_official_eomt(delta, num_query_blocks=2, num_heads=4, base={"pos_embed": np.zeros((1, 5, 64))})

@@ -1,8 +1,12 @@
-"""EoMT checkpoints -> jaxseg `EoMT` params: Hugging Face `EomtForUniversalSegmentation` and the official
-tue-mps/eomt layout.
+"""EoMT checkpoints -> jaxseg `EoMT` params: Hugging Face `EomtForUniversalSegmentation` /
+`EomtDinov3ForUniversalSegmentation` and the official tue-mps/eomt layout, over DINOv2 or DINOv3.
 
-The encoder is re-expressed as a timm state dict and goes through `from_timm` (same diff, same layouts);
-the heads map as:
+A DINOv2 encoder is re-expressed as a timm state dict and goes through `from_timm`; a DINOv3 encoder is
+re-expressed under transformers' `DINOv3ViTModel` names and goes through `from_dinov3` (same diffs, same
+layouts). The official DINOv3 EoMT weights are published as differences from the DINOv3 backbone
+(tue-mps/eomt `delta_weights`: the encoder holds fine-tuned minus pretrained weights, everything else the
+weights themselves, since it starts from zero): `from_official_eomt(..., base=<DINOv3 state dict>)` adds
+them back. The heads map as:
   official                        Hugging Face                          jaxseg
   q.weight (Q, D)                 query.weight                          queries
   class_head.{weight,bias}        class_predictor.*                     class_head/{kernel,bias}
@@ -22,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxseg.convert.dinov3 import from_dinov3
 from jaxseg.convert.state_dict import WeightConversionError, shape_diff, unwrap
 from jaxseg.convert.timm import from_timm
+from jaxseg.errors import UserError
 
 # Buffers that are state, not weights: annealing probabilities, pixel statistics, HF's loss class weights.
 _BUFFERS = (r"(^|\.)attn_mask_probs$", r"(^|\.)pixel_(mean|std)$", r"^criterion\.")
@@ -49,11 +55,11 @@ def _heads(take, names: Mapping[str, Any], num_upscale: int) -> dict:
     return params
 
 
-def _convert(sd: dict, encoder_sd: dict, names: Mapping[str, str], num_classes: int | None,
-             num_upscale: int, eomt_overrides: Mapping[str, Any], timm_overrides: Mapping[str, Any]):
+def _convert(sd: dict, encoder: tuple[dict, dict], names: Mapping[str, str], num_classes: int | None,
+             num_upscale: int, eomt_overrides: Mapping[str, Any]):
     from jaxseg.models.eomt import EoMT
 
-    encoder_config, encoder_params = from_timm(encoder_sd, **timm_overrides)
+    encoder_config, encoder_params = encoder
     missing = []
 
     def take(name):
@@ -74,8 +80,7 @@ def _convert(sd: dict, encoder_sd: dict, names: Mapping[str, str], num_classes: 
         raise WeightConversionError(f"the class head has {config['num_classes']} classes (+ no object), "
                                     f"not {num_classes}")
     params = dict(heads, encoder=encoder_params)
-    grid = encoder_config["posemb_grid"]
-    size = (grid[0] * encoder_config["patch_size"], grid[1] * encoder_config["patch_size"])
+    size = (4 * encoder_config["patch_size"],) * 2
     abstract = jax.eval_shape(lambda: EoMT(**config).init(
         jax.random.key(0), jnp.zeros((1, *size, 3))))["params"]
     diff = shape_diff(
@@ -87,11 +92,12 @@ def _convert(sd: dict, encoder_sd: dict, names: Mapping[str, str], num_classes: 
     return config, params
 
 
-def from_hf_eomt(state_dict: Mapping[str, Any], hf_config: Any, **timm_overrides) -> tuple[dict, dict]:
-    """(EoMT config, params) from a transformers `EomtForUniversalSegmentation` state dict and its config
-    (an `EomtConfig` or a dict with its fields). `timm_overrides` go to `from_timm` (e.g. `image_size`)."""
-    get = hf_config.get if isinstance(hf_config, Mapping) else lambda k, d=None: getattr(hf_config, k, d)
-    sd = unwrap(state_dict)
+def _hf_getter(hf_config: Any):
+    return hf_config.get if isinstance(hf_config, Mapping) else lambda k, d=None: getattr(hf_config, k, d)
+
+
+def _hf_dinov2_encoder(sd: dict, get, timm_overrides: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Pops transformers' EoMT (DINOv2) encoder entries from `sd` and converts them via timm names."""
     encoder = {}
     renames = [(r"^embeddings\.cls_token$", "cls_token"), (r"^embeddings\.register_tokens$", "reg_token"),
                (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
@@ -106,8 +112,7 @@ def from_hf_eomt(state_dict: Mapping[str, Any], hf_config: Any, **timm_overrides
                 break
     if "embeddings.position_embeddings.weight" in sd:
         encoder["pos_embed"] = sd.pop("embeddings.position_embeddings.weight")[None]
-    depth = get("num_hidden_layers")
-    for i in range(depth):
+    for i in range(get("num_hidden_layers")):
         prefix = f"layers.{i}."
         for kind in ("weight", "bias"):
             parts = [sd.pop(f"{prefix}attention.{p}_proj.{kind}", None) for p in "qkv"]
@@ -117,22 +122,81 @@ def from_hf_eomt(state_dict: Mapping[str, Any], hf_config: Any, **timm_overrides
             if all(p is not None for p in gate_up):
                 encoder[f"blocks.{i}.mlp.fc1.{kind}"] = np.concatenate(gate_up, axis=0)
     grid = get("image_size") // get("patch_size")
-    timm_overrides = dict(num_heads=get("num_attention_heads"), layernorm_eps=get("layer_norm_eps", 1e-6),
-                          **timm_overrides)
+    overrides = dict(num_heads=get("num_attention_heads"), layernorm_eps=get("layer_norm_eps", 1e-6),
+                     **timm_overrides)
+    return from_timm(encoder, source_grid=(grid, grid), source_posemb_covers_prefix=False, **overrides)
+
+
+def _pop_dinov3_encoder(sd: dict, renames: Mapping[str, str]) -> dict:
+    """Pops the encoder entries of an EoMT state dict over DINOv3, renamed onto `DINOv3ViTModel` names
+    (`renames`: source prefix -> transformers prefix)."""
+    encoder = {}
+    for key in list(sd):
+        for old, new in renames.items():
+            if key.startswith(old):
+                encoder[new + key[len(old):]] = sd.pop(key)
+                break
+    return encoder
+
+
+def from_hf_eomt(state_dict: Mapping[str, Any], hf_config: Any, **encoder_overrides) -> tuple[dict, dict]:
+    """(EoMT config, params) from a transformers `EomtForUniversalSegmentation` or
+    `EomtDinov3ForUniversalSegmentation` state dict and its config (the config object or a dict with its
+    fields). `encoder_overrides` go to `from_timm` (DINOv2, e.g. `image_size`) or `from_dinov3`."""
+    get = _hf_getter(hf_config)
+    sd = unwrap(state_dict)
+    if get("model_type") == "eomt_dinov3":
+        if get("hidden_act", "gelu") != "gelu":
+            raise WeightConversionError(
+                f"transformers' EoMT-DINOv3 applies hidden_act={get('hidden_act')!r} in its mask head and "
+                f"upscale blocks too; EoMT's heads use GELU (as tue-mps/eomt), so only gelu converts")
+        encoder_sd = _pop_dinov3_encoder(sd, {"embeddings.": "embeddings.", "layers.": "layer.",
+                                              "layernorm.": "norm."})
+        encoder = from_dinov3(encoder_sd, hf_config, **encoder_overrides)
+    else:
+        encoder = _hf_dinov2_encoder(sd, get, encoder_overrides)
     names = {"queries": "query.weight", "class_head": "class_predictor",
              "mask_head": ["mask_head.fc1", "mask_head.fc2", "mask_head.fc3"],
              "upscale": "upscale_block.block.{i}", "upscale_norm": "layernorm2d"}
     eomt = dict(num_query_blocks=get("num_blocks"), normalize_input=False)
-    return _convert(sd, encoder, names, get("num_labels"), get("num_upscale_blocks"), eomt,
-                    dict(timm_overrides, source_grid=(grid, grid), source_posemb_covers_prefix=False))
+    return _convert(sd, encoder, names, get("num_labels"), get("num_upscale_blocks"), eomt)
+
+
+def _add_base(delta: tuple[dict, dict], base: tuple[dict, dict]) -> tuple[dict, dict]:
+    """The encoder of a delta checkpoint plus its DINOv3 base, leaf by leaf, after checking that both
+    are the same ViT."""
+    (config, params), (base_config, base_params) = delta, base
+    different = {k: (base_config[k], config[k]) for k in ("width", "depth", "mlp_dim", "mlp_type", "patch_size",
+                                                         "num_registers", "qkv_bias")
+                 if base_config[k] != config[k]}
+    if different:
+        raise WeightConversionError(
+            "the DINOv3 base does not match the checkpoint's encoder: " + ", ".join(
+                f"{k} {b} (base) vs {d} (checkpoint)" for k, (b, d) in different.items())
+            + "; use the DINOv3 backbone the checkpoint was fine-tuned from (its EoMT config names it)")
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    flat_base = flax.traverse_util.flatten_dict(base_params, sep="/")
+    diff = shape_diff({k: np.shape(v) for k, v in flat.items()}, {k: np.shape(v) for k, v in flat_base.items()})
+    if diff:
+        raise WeightConversionError("the DINOv3 base does not match the checkpoint's encoder:\n" + "\n".join(diff))
+    summed = {k: np.asarray(v, np.float32) + np.asarray(flat_base[k], np.float32) for k, v in flat.items()}
+    return config, flax.traverse_util.unflatten_dict(summed, sep="/")
 
 
 def from_official_eomt(state_dict: Mapping[str, Any], *, num_query_blocks: int,
-                       num_classes: int | None = None, **timm_overrides) -> tuple[dict, dict]:
+                       num_classes: int | None = None, base: Mapping[str, Any] | None = None,
+                       absolute: bool = False, **encoder_overrides) -> tuple[dict, dict]:
     """(EoMT config, params) from a tue-mps/eomt checkpoint: the network's state dict (`q.weight`,
-    `class_head`, `mask_head.{0,2,4}`, `upscale.i.*`, `encoder.backbone.<timm ViT>`), with or without a
+    `class_head`, `mask_head.{0,2,4}`, `upscale.i.*`, `encoder.backbone.<ViT>`), with or without a
     leading prefix such as Lightning's `network.`. The number of query blocks (L2) is not stored in the
-    weights: pass it (3 for ViT-S/B, 4 for L, 5 for g)."""
+    weights: pass it (3 for ViT-S/B, 4 for L, 5 for g).
+
+    The backbone is a timm DINOv2 ViT, or transformers' DINOv3 ViT (`patch_embed.patch_embeddings`,
+    `blocks.i.attention.*`). The published DINOv3 checkpoints hold differences from the DINOv3 weights:
+    pass the DINOv3 backbone state dict (any layout `from_dinov3` reads) as `base`, or `absolute=True` for a
+    checkpoint saved with `--model.delta_weights False`. `encoder_overrides` go to `from_timm` (DINOv2) or
+    `from_dinov3` (DINOv3: both the checkpoint and the base).
+    """
     sd = unwrap(state_dict)
     prefixes = {m.group(1) or "" for k in sd if (m := re.fullmatch(r"(.*\.)?q\.weight", k))
                 and "encoder." not in k}
@@ -142,11 +206,32 @@ def from_official_eomt(state_dict: Mapping[str, Any], *, num_query_blocks: int,
     prefix = prefixes.pop()
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     backbone = "encoder.backbone."
-    encoder = {k[len(backbone):]: sd.pop(k) for k in list(sd) if k.startswith(backbone)}
+    if backbone + "patch_embed.patch_embeddings.weight" in sd:
+        # tue-mps/eomt renames the transformers DINOv3 model's modules to timm's (`embeddings` ->
+        # `patch_embed`, `layer` -> `blocks`); its rotary tables are buffers, not weights.
+        encoder_sd = _pop_dinov3_encoder(sd, {backbone + "patch_embed.": "embeddings.",
+                                              backbone + "blocks.": "layer.", backbone + "norm.": "norm."})
+        if base is None and not absolute:
+            raise WeightConversionError(
+                "this is a DINOv3 EoMT checkpoint, and the official ones hold differences from the DINOv3 "
+                "weights (tue-mps/eomt delta_weights): pass the DINOv3 backbone file as the base "
+                "(--base), or declare the checkpoint absolute (--absolute) if it was saved with "
+                "--model.delta_weights False")
+        if base is not None and absolute:
+            raise UserError("a base is only added to delta checkpoints: drop it, or drop absolute=True")
+        encoder = from_dinov3(encoder_sd, **encoder_overrides)
+        if base is not None:
+            encoder = _add_base(encoder, from_dinov3(base, **encoder_overrides))
+    else:
+        if base is not None:
+            raise UserError("a base is only for DINOv3 delta checkpoints; this checkpoint's backbone is a "
+                            "timm ViT (DINOv2) with absolute weights")
+        encoder = from_timm({k[len(backbone):]: sd.pop(k) for k in list(sd) if k.startswith(backbone)},
+                            **encoder_overrides)
     num_upscale = len({m.group(1) for k in sd if (m := re.match(r"upscale\.(\d+)\.", k))})
     # mask_head is nn.Sequential(Linear, GELU, Linear, GELU, Linear): the linears sit at 0, 2, 4.
     names = {"queries": "q.weight", "class_head": "class_head",
              "mask_head": ["mask_head.0", "mask_head.2", "mask_head.4"],
              "upscale": "upscale.{i}", "upscale_norm": "norm"}
     eomt = dict(num_query_blocks=num_query_blocks, normalize_input=True)
-    return _convert(sd, encoder, names, num_classes, num_upscale, eomt, timm_overrides)
+    return _convert(sd, encoder, names, num_classes, num_upscale, eomt)

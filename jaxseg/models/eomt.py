@@ -187,6 +187,7 @@ class EoMT(nn.Module):
                 raise UserError(f"attn_mask_probs must have shape ({self.num_query_blocks},), one per query "
                                 f"block, got {attn_mask_probs.shape}")
         x = vit.embed(images, train=train)
+        rope = vit.rope_tables(grid, train=train)
         predictions = []
         for i, block in enumerate(vit.blocks):
             mask = None
@@ -199,7 +200,7 @@ class EoMT(nn.Module):
                 predictions.append(prediction)
                 uniform = jax.random.uniform(self.make_rng("masking"), (x.shape[0], self.num_queries))
                 mask = self.attention_mask(prediction[1], grid, attn_mask_probs[i - first], uniform)
-            x, _ = block(x, mask, not train, False)
+            x, _ = block(x, mask, not train, False, rope)
         predictions.append(self.predict(vit.norm(x), grid))
         return {"class_logits": jnp.stack([p[0] for p in predictions]),
                 "mask_logits": jnp.stack([p[1] for p in predictions])}

@@ -1,5 +1,7 @@
 """The one Vision Transformer of jaxseg (Flax linen), numerically equal to timm's `VisionTransformer`
-for the DeiT and DINOv2 (with registers, LayerScale, SwiGLU) families.
+for the DeiT and DINOv2 (with registers, LayerScale, SwiGLU) families, and to transformers'
+`DINOv3ViTModel` for DINOv3 (axial RoPE on the patch tokens instead of an absolute position embedding,
+no key bias, storage/register tokens, LayerScale, GELU or SwiGLU MLPs).
 
 Submodule and parameter names mirror timm's (`patch_embed`, `cls_token`, `reg_token`, `pos_embed`,
 `blocks_{i}/{norm1,attn/{query,key,value,out},ls1,norm2,mlp/{fc1,fc2},ls2}`, `norm`) so that the
@@ -27,6 +29,7 @@ import numpy as np
 from jaxseg.config import check_rules, setting
 from jaxseg.errors import UserError
 from jaxseg.ops.posemb import resample_posemb
+from jaxseg.ops.rope import apply_rope, augment_coordinates, patch_coordinates, rope_tables
 
 Array = jax.Array
 Dtype = Any
@@ -39,6 +42,12 @@ SIZES = {
     "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
     "g": dict(width=1536, depth=40, num_heads=24, mlp_dim=4096, mlp_type="swiglu"),
+    # DINOv3's SwiGLU sizes: its FFN width is 2/3 of ffn_ratio * width, rounded up to a multiple of 8
+    # (of 64 for 7B).
+    "S+": dict(width=384, depth=12, num_heads=6, mlp_dim=1536, mlp_type="swiglu"),
+    "L+": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096, mlp_type="swiglu"),
+    "H+": dict(width=1280, depth=32, num_heads=20, mlp_dim=5120, mlp_type="swiglu"),
+    "7B": dict(width=4096, depth=40, num_heads=32, mlp_dim=8192, mlp_type="swiglu"),
 }
 
 # The token layout, norms and pretraining grid of each checkpoint family, as timm defines them.
@@ -50,6 +59,11 @@ FAMILIES = {
     "dinov2": dict(num_registers=0, posemb_covers_prefix=True, layerscale_init=1e-5, pretrain_size=518),
     "dinov2_reg": dict(num_registers=4, posemb_covers_prefix=False, layerscale_init=1e-5,
                        pretrain_size=518),
+    # DINOv3 (facebookresearch/dinov3 hub models): RoPE with base 100 and coordinates rescaled by a
+    # log-uniform factor in [1/2, 2] in training, 4 storage tokens, the key bias masked to 0, eps 1e-5.
+    "dinov3": dict(num_registers=4, posemb_covers_prefix=False, layerscale_init=1e-5, key_bias=False,
+                   layernorm_eps=1e-5, rope_base=100.0, rope_shift=None, rope_jitter=None, rope_rescale=2.0,
+                   pretrain_size=224),
 }
 
 
@@ -57,7 +71,8 @@ def vit_config(variant: str, family: str = "deit", **overrides) -> dict:
     """Keyword arguments of `ViT` for a named variant, e.g. `vit_config("L/14", "dinov2_reg")`.
 
     `variant` is "<size>/<patch>" with size in SIZES. The position-embedding grid is the pretraining
-    grid of the family at that patch size (pass `posemb_grid` to override it).
+    grid of the family at that patch size (pass `posemb_grid` to override it); RoPE families (DINOv3)
+    store no position embedding.
     """
     try:
         size, patch = variant.split("/")
@@ -119,20 +134,23 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with an optional boolean mask (True = may attend).
+    """Multi-head self-attention with an optional boolean mask (True = may attend) and optional RoPE
+    tables (cos, sin) for the trailing patch tokens (`jaxseg.ops.rope`).
 
     Returns the sub-layer output (after the output projection, before any residual) and, when asked,
     the softmax probabilities (B, heads, N, N) in float32.
     """
     num_heads: int
     qkv_bias: bool = True
+    key_bias: bool = True
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, mask: Array | None = None, deterministic: bool = True,
-                 return_probs: bool = False) -> tuple[Array, Array | None]:
+                 return_probs: bool = False,
+                 rope: tuple[Array, Array] | None = None) -> tuple[Array, Array | None]:
         width = x.shape[-1]
         if width % self.num_heads:
             raise UserError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -144,8 +162,9 @@ class Attention(nn.Module):
         # nn.Einsum creates kernels in their final shape, which the logical boxes need (DenseGeneral
         # initialises a flattened kernel and fails to constrain it under a mesh).
         def projection(name):
+            use_bias = self.qkv_bias and (self.key_bias or name != "key")
             return nn.Einsum(
-                (width, self.num_heads, head_dim), "bnd,dhk->bnhk", use_bias=self.qkv_bias,
+                (width, self.num_heads, head_dim), "bnd,dhk->bnhk", use_bias=use_bias,
                 dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=_dense_init(("embed", "heads", "kv")), bias_init=_zeros(("heads", "kv")),
                 name=name)
@@ -153,6 +172,8 @@ class Attention(nn.Module):
         head_axes = ("act_batch", "act_len", "act_heads", "act_kv")
         q, k, v = (nn.with_logical_constraint(projection(n)(x), head_axes)
                    for n in ("query", "key", "value"))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         scale = head_dim ** -0.5
         probs = None
         if return_probs or (self.dropout_rate > 0.0 and not deterministic):
@@ -212,6 +233,7 @@ class Block(nn.Module):
     mlp_dim: int
     mlp_type: str = "gelu"
     qkv_bias: bool = True
+    key_bias: bool = True
     layerscale_init: float | None = None
     layernorm_eps: float = 1e-6
     drop_path_rate: float = 0.0
@@ -222,8 +244,8 @@ class Block(nn.Module):
 
     def setup(self):
         self.norm1 = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype)
-        self.attn = Attention(self.num_heads, self.qkv_bias, self.attention_dropout_rate, self.dtype,
-                              self.param_dtype)
+        self.attn = Attention(self.num_heads, self.qkv_bias, self.key_bias, self.attention_dropout_rate,
+                              self.dtype, self.param_dtype)
         self.norm2 = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype)
         self.mlp = Mlp(self.mlp_dim, self.mlp_type, self.dropout_rate, self.dtype, self.param_dtype)
         if self.layerscale_init is not None:
@@ -232,17 +254,19 @@ class Block(nn.Module):
         self.drop_path = DropPath(self.drop_path_rate)
         self.dropout = nn.Dropout(self.dropout_rate)
 
-    def attention_probs(self, x: Array, mask: Array | None = None) -> Array:
+    def attention_probs(self, x: Array, mask: Array | None = None,
+                        rope: tuple[Array, Array] | None = None) -> Array:
         """This block's softmax attention (B, heads, N, N) for block input `x` (inference mode); lets a
         caller recompute the maps layer by layer instead of keeping every layer's."""
-        return self.attn(self.norm1(x), mask, True, True)[1]
+        return self.attn(self.norm1(x), mask, True, True, rope)[1]
 
     def __call__(self, x: Array, mask: Array | None = None, deterministic: bool = True,
-                 return_attention: bool = False) -> tuple[Array, dict]:
+                 return_attention: bool = False,
+                 rope: tuple[Array, Array] | None = None) -> tuple[Array, dict]:
         """Returns the block output and {"attn_out": (B, N, D) attention sub-layer output (after the
         output projection, before LayerScale and the residual)}, plus "attn_probs" (B, heads, N, N) with
-        `return_attention`."""
-        attn_out, probs = self.attn(self.norm1(x), mask, deterministic, return_attention)
+        `return_attention`. `rope`: the ViT's `rope_tables` for its patch grid, or None."""
+        attn_out, probs = self.attn(self.norm1(x), mask, deterministic, return_attention, rope)
         y = self.dropout(attn_out, deterministic=deterministic)
         if self.layerscale_init is not None:
             y = self.ls1(y)
@@ -271,8 +295,16 @@ class ViT(nn.Module):
       num_registers: register tokens (DINOv2 with registers: 4).
       posemb_covers_prefix: True if the position embedding has entries for the class/register tokens
         (DeiT, timm classic); False if it covers patches only (DINOv2's `no_embed_class`).
+      rope_base: None for the learned absolute position embedding; a number for DINOv3's axial RoPE with
+        that base period (no `pos_embed` parameter, `posemb_grid` unused). See `jaxseg.ops.rope`.
+      rope_normalize: how patch coordinates span [-1, 1]: "separate" (per axis), "min" or "max" side.
+      rope_shift / rope_jitter / rope_rescale: DINOv3's training-time coordinate augmentation (a uniform
+        shift, per-axis and joint log-uniform scales), drawn once per forward pass from the "dropout" rng;
+        None switches each off.
       layerscale_init: LayerScale initial value, or None for no LayerScale.
       mlp_type: "gelu" (exact erf) or "swiglu".
+      qkv_bias / key_bias: biases of the query, key and value projections; DINOv3 keeps its key bias at
+        0 (key_bias=False).
       final_norm: apply the final LayerNorm `norm` to the encoded tokens.
       dtype / param_dtype: compute and parameter dtypes (e.g. bfloat16 compute with float32 params).
       remat: rematerialise each block in the backward pass (saves activation memory).
@@ -288,9 +320,15 @@ class ViT(nn.Module):
     num_cls_tokens: int = 1
     num_registers: int = 0
     posemb_covers_prefix: bool = True
+    rope_base: float | None = setting(None, "> 0")
+    rope_normalize: str = "separate"
+    rope_shift: float | None = setting(None, ">= 0")
+    rope_jitter: float | None = setting(None, ">= 1")
+    rope_rescale: float | None = setting(None, ">= 1")
     layerscale_init: float | None = None
     mlp_type: str = "gelu"
     qkv_bias: bool = True
+    key_bias: bool = True
     layernorm_eps: float = 1e-6
     final_norm: bool = True
     drop_path_rate: float = setting(0.0, "in [0, 1]")
@@ -328,17 +366,18 @@ class ViT(nn.Module):
         if self.num_registers:
             self.reg_token = self.param("reg_token", tiny_normal, (1, self.num_registers, self.width),
                                         self.param_dtype)
-        num_pos = math.prod(self.posemb_grid) + self.num_posemb_prefix
-        self.pos_embed = self.param(
-            "pos_embed", nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), embed_axes),
-            (1, num_pos, self.width), self.param_dtype)
+        if self.rope_base is None:
+            num_pos = math.prod(self.posemb_grid) + self.num_posemb_prefix
+            self.pos_embed = self.param(
+                "pos_embed", nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), embed_axes),
+                (1, num_pos, self.width), self.param_dtype)
         # deterministic and return_attention select code paths, so remat must treat them as static.
         block_cls = nn.remat(Block, static_argnums=(3, 4)) if self.remat else Block
         drop_path_rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         self.blocks = [
-            block_cls(self.num_heads, self.mlp_dim, self.mlp_type, self.qkv_bias, self.layerscale_init,
-                      self.layernorm_eps, float(rate), self.dropout_rate, self.attention_dropout_rate,
-                      self.dtype, self.param_dtype)
+            block_cls(self.num_heads, self.mlp_dim, self.mlp_type, self.qkv_bias, self.key_bias,
+                      self.layerscale_init, self.layernorm_eps, float(rate), self.dropout_rate,
+                      self.attention_dropout_rate, self.dtype, self.param_dtype)
             for rate in drop_path_rates]
         if self.final_norm:
             self.norm = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")
@@ -362,20 +401,32 @@ class ViT(nn.Module):
         return resample_posemb(self.pos_embed, self.posemb_grid, grid, self.num_posemb_prefix,
                                self.posemb_resize)
 
+    def rope_tables(self, grid: tuple[int, int], *, train: bool = False) -> tuple[Array, Array] | None:
+        """RoPE (cos, sin), each (rows*cols, head_dim) float32, for a patch grid; None without RoPE. Pass
+        them to every block of one forward pass."""
+        if self.rope_base is None:
+            return None
+        coords = patch_coordinates(grid, self.rope_normalize)
+        if train and any(v is not None for v in (self.rope_shift, self.rope_jitter, self.rope_rescale)):
+            coords = augment_coordinates(coords, self.make_rng("dropout"), shift=self.rope_shift,
+                                         jitter=self.rope_jitter, rescale=self.rope_rescale)
+        return rope_tables(coords, self.width // self.num_heads, self.rope_base)
+
     def embed(self, images: Array, *, train: bool = False) -> Array:
         """Patch embedding + class/register tokens + position embedding: (B, prefix + patches, D),
         token order [cls..., registers..., patches (row-major)]."""
         grid = self.check_images(images)
         x = self.patch_embed(images.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, self.width)
-        posemb = self.position_embedding(grid).astype(self.dtype)
         prefix = [jnp.broadcast_to(t, (x.shape[0],) + t.shape[1:]).astype(self.dtype)
                   for t in (getattr(self, "cls_token", None), getattr(self, "reg_token", None))
                   if t is not None]
-        if self.posemb_covers_prefix:
-            x = jnp.concatenate(prefix + [x], axis=1) + posemb
+        if self.rope_base is not None:
+            x = jnp.concatenate(prefix + [x], axis=1)
+        elif self.posemb_covers_prefix:
+            x = jnp.concatenate(prefix + [x], axis=1) + self.position_embedding(grid).astype(self.dtype)
         else:
-            x = jnp.concatenate(prefix + [x + posemb], axis=1)
+            x = jnp.concatenate(prefix + [x + self.position_embedding(grid).astype(self.dtype)], axis=1)
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
         return self.pos_drop(x, deterministic=not train)
 
@@ -407,6 +458,7 @@ class ViT(nn.Module):
         attention_mask = attention_mask or {}
 
         x = self.embed(images, train=train)
+        rope = self.rope_tables(self.check_images(images), train=train)
         out = {"embedded": x, "blocks": []}
         if return_attention:
             out["attn_probs"], out["attn_out"] = [], []
@@ -418,7 +470,7 @@ class ViT(nn.Module):
                                     f"got {tokens.shape}")
                 tokens = jnp.broadcast_to(tokens, (x.shape[0],) + tokens.shape[1:])
                 x = jnp.concatenate([tokens, x], axis=1)
-            x, aux = block(x, attention_mask.get(i), not train, return_attention)
+            x, aux = block(x, attention_mask.get(i), not train, return_attention, rope)
             out["blocks"].append(x)
             if return_attention:
                 out["attn_probs"].append(aux["attn_probs"])

@@ -111,6 +111,9 @@ class WeakTr(nn.Module):
                             f"the encoder has {self.vit.num_cls_tokens} and {self.vit.num_registers}")
         if self.vit.final_norm:
             raise UserError("WeakTr stage 1 uses the last block's raw output: set final_norm=False")
+        if self.vit.rope_base is not None:
+            raise UserError("WeakTr's fused attention maps are recomputed without position tables: use an "
+                            "encoder with a learned position embedding (rope_base=None)")
         # WeakTr's `_init_weights` skips convolutions: the head keeps PyTorch's default init.
         init = torch_default(9 * self.vit.width)
         self.head = nn.Conv(self.num_classes, (3, 3), padding=1, kernel_init=init, bias_init=init)
