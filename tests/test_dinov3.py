@@ -186,3 +186,20 @@ def test_mismatched_state_dict_lists_the_names():
         from_dinov3(sd, hf.config)
     with pytest.raises(WeightConversionError, match="not a DINOv3 ViT state dict"):
         from_dinov3({"pos_embed": np.zeros((1, 5, 8))})
+
+
+def test_convert_tool_reads_an_official_dinov3_file(tmp_path):
+    """jaxseg-convert detects the official layout and writes the params that load into the same ViT."""
+    from safetensors.numpy import save_file
+
+    from jaxseg.cli import convert_weights
+    from jaxseg.convert.params_io import load_params
+
+    hf = _hf_model()
+    official = {k: np.ascontiguousarray(v, np.float32) for k, v in _official_names(hf.state_dict()).items()}
+    save_file(official, tmp_path / "dinov3.safetensors")
+    assert convert_weights.main(["--input", str(tmp_path / "dinov3.safetensors"), "--num-heads", "4",
+                                 "--output", str(tmp_path / "dinov3.msgpack")]) == 0
+    config, params = load_params(tmp_path / "dinov3.msgpack")
+    images = _images((48, 80))
+    assert _errors(config, params, images, _run_hf(hf, images))["final"] < TOL

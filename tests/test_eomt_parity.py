@@ -254,10 +254,9 @@ def _dinov3_backbone(seed, **overrides):
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def test_official_dinov3_delta_checkpoint(hf_dinov3_model):
-    """tue-mps/eomt publishes DINOv3 EoMT weights as differences from the DINOv3 backbone: the delta plus
-    the base gives the fine-tuned model (here, the transformers model), to float32 round-off."""
-    config, params = from_hf_eomt(hf_dinov3_model.state_dict(), hf_dinov3_model.config)
+def _delta_checkpoint(hf_dinov3_model):
+    """(the official-layout delta checkpoint of the transformers model, its random DINOv3 base)."""
+    _, params = from_hf_eomt(hf_dinov3_model.state_dict(), hf_dinov3_model.config)
     base = _dinov3_backbone(seed=1)
     # transformers EoMT prefix -> (tue-mps/eomt backbone prefix, DINOv3ViTModel prefix)
     renames = {"embeddings.": ("patch_embed.", "embeddings."), "layers.": ("blocks.", "model.layer."),
@@ -271,7 +270,14 @@ def test_official_dinov3_delta_checkpoint(hf_dinov3_model):
         name = key[len(old):]
         delta[f"network.encoder.backbone.{official}{name}"] = value.numpy() - base[dinov3 + name]
     delta.update(_official_heads(params))
-    # The eval-time tolerance of the heads and encoder: (fine-tuned - base) + base differs by round-off.
+    return delta, base
+
+
+def test_official_dinov3_delta_checkpoint(hf_dinov3_model):
+    """tue-mps/eomt publishes DINOv3 EoMT weights as differences from the DINOv3 backbone: the delta plus
+    the base gives the fine-tuned model (here, the transformers model), to float32 round-off."""
+    config, params = from_hf_eomt(hf_dinov3_model.state_dict(), hf_dinov3_model.config)
+    delta, base = _delta_checkpoint(hf_dinov3_model)
     official_config, official_params = from_official_eomt(delta, num_query_blocks=2, base=base, num_heads=4,
                                                           layernorm_eps=1e-6)
     assert official_config["encoder"] == config["encoder"]
@@ -286,3 +292,27 @@ def test_official_dinov3_delta_checkpoint(hf_dinov3_model):
                            base=_dinov3_backbone(seed=1, num_hidden_layers=2))
     with pytest.raises(WeightConversionError, match="not a DINOv3 ViT state dict"):
         from_official_eomt(delta, num_query_blocks=2, num_heads=4, base={"pos_embed": np.zeros((1, 5, 64))})
+
+
+def test_convert_tool_adds_the_dinov3_base(hf_dinov3_model, tmp_path, capsys):
+    """jaxseg-convert on an official DINOv3 EoMT delta file and its DINOv3 backbone file gives the same
+    params as the library call; without --base it refuses with one line."""
+    from safetensors.numpy import save_file
+
+    from jaxseg.cli import convert_weights
+    from jaxseg.convert.params_io import load_params
+
+    delta, base = _delta_checkpoint(hf_dinov3_model)
+    save_file({k: np.ascontiguousarray(v) for k, v in delta.items()}, tmp_path / "delta.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in base.items()}, tmp_path / "dinov3.safetensors")
+    common = ["--input", str(tmp_path / "delta.safetensors"), "--num-query-blocks", "2", "--num-heads", "4"]
+    assert convert_weights.main([*common, "--output", str(tmp_path / "no_base.msgpack")]) == 2
+    assert "error: this is a DINOv3 EoMT checkpoint" in capsys.readouterr().err
+    assert convert_weights.main([*common, "--base", str(tmp_path / "dinov3.safetensors"),
+                                 "--output", str(tmp_path / "eomt.msgpack")]) == 0
+    config, params = load_params(tmp_path / "eomt.msgpack")
+    expected_config, expected = from_official_eomt(delta, num_query_blocks=2, base=base, num_heads=4)
+    assert config == expected_config
+    for (path, value), (_, other) in zip(jax.tree_util.tree_leaves_with_path(expected),
+                                         jax.tree_util.tree_leaves_with_path(params), strict=True):
+        np.testing.assert_array_equal(other, value, err_msg=jax.tree_util.keystr(path))

@@ -1,5 +1,6 @@
-"""Converts a local timm / DeiT / DINOv2 ViT checkpoint, or an official WeakTr / MCTformer-V2 stage-1
-checkpoint, to jaxseg params.
+"""Converts a local timm / DeiT / DINOv2 / DINOv3 ViT checkpoint, an EoMT checkpoint (official or
+transformers, over DINOv2 or DINOv3), or an official WeakTr / MCTformer-V2 stage-1 checkpoint, to jaxseg
+params.
 
     jaxseg-convert --input vit_small_patch14_reg4_dinov2.safetensors \\
         --output dinov2_s.msgpack --patch-size 16 --image-size 640
@@ -8,17 +9,26 @@ checkpoint, to jaxseg params.
         --output deit_s_cls20.msgpack --num-cls-tokens 20 --no-final-norm
     (or: python tools/convert_weights.py ...)
 
-The last one is WeakTr's stage-1 initialisation (configs/weaktr/voc_cam.py, init_checkpoint=): DeiT-S
+    jaxseg-convert --input dinov3_vitl16_pretrain_lvd1689m.pth --output dinov3_l16.msgpack
+    jaxseg-convert --input coco_panoptic_eomt_large_640_dinov3.bin --base dinov3_vitl16_pretrain_lvd1689m.pth \
+        --num-query-blocks 4 --output eomt_l_640_dinov3.msgpack
+
+The third is WeakTr's stage-1 initialisation (configs/weaktr/voc_cam.py, init_checkpoint=): DeiT-S
 with its class token and that token's position entry repeated once per class, without the final norm
-that stage 1 never applies.
+that stage 1 never applies. The last two are DINOv3: its backbone, and an official DINOv3 EoMT
+checkpoint, which is published as the difference from that backbone (--base gives the backbone;
+--absolute reads a checkpoint saved with full weights instead).
 
 Input: .safetensors, or .pth/.pt/.bin (read with torch.load(weights_only=True); needs torch). A file
 that cannot be read, or that holds NaN or Inf weights, is refused.
-Layout (--layout): "timm" (a ViT, see jaxseg.convert.from_timm) or "weaktr" (see
-jaxseg.convert.from_official_weaktr: C class tokens, a conv `head`, the AAF); by default "weaktr" when
-`head.weight` is a convolution kernel.
+Layout (--layout, detected by default): "timm" (a ViT, see jaxseg.convert.from_timm), "dinov3" (a DINOv3
+ViT in transformers', the official or timm's names: jaxseg.convert.dinov3.from_dinov3), "eomt" (an EoMT
+network: tue-mps/eomt's `q.weight` layout, or transformers' with --hf-config, see
+jaxseg.convert.eomt) or "weaktr" (jaxseg.convert.from_official_weaktr: C class tokens, a conv `head`,
+the AAF).
 Output: a .msgpack file, or any other name for an orbax directory (ViT params only); see
-jaxseg.convert.params_io. A WeakTr output holds the `WeakTr` keyword arguments as its config.
+jaxseg.convert.params_io. An EoMT or WeakTr output holds that network's keyword arguments as its config
+and serves as train.init_checkpoint with train.init_into="" (the whole model).
 """
 import argparse
 import sys
@@ -27,7 +37,15 @@ import jax
 import numpy as np
 
 from jaxseg import cli
-from jaxseg.convert import from_official_weaktr, from_timm, load_state_dict
+from jaxseg.convert import (
+    from_dinov3,
+    from_hf_eomt,
+    from_official_eomt,
+    from_official_weaktr,
+    from_timm,
+    load_state_dict,
+)
+from jaxseg.convert.dinov3 import detect_layout as detect_dinov3
 from jaxseg.convert.params_io import FORMATS, format_for, save_params
 from jaxseg.convert.timm import DEFAULT_IGNORE
 
@@ -45,13 +63,23 @@ def _size(text: str) -> tuple[int, int]:
     return values
 
 
-LAYOUTS = ("timm", "weaktr")
+LAYOUTS = ("timm", "dinov3", "eomt", "weaktr")
 
 
 def detect_layout(state_dict) -> str:
-    """"weaktr" when the head is WeakTr's 3x3 CAM convolution (a timm classifier head is a Linear)."""
+    """"eomt" for an EoMT query embedding, "weaktr" when the head is WeakTr's 3x3 CAM convolution (a timm
+    classifier head is a Linear), "dinov3" for DINOv3's names, else "timm"."""
+    if any(k.endswith(("q.weight", "query.weight")) and "encoder." not in k and "attention" not in k
+           for k in state_dict):
+        return "eomt"
     head = state_dict.get("head.weight")
-    return "weaktr" if head is not None and head.ndim == 4 else "timm"
+    if head is not None and head.ndim == 4:
+        return "weaktr"
+    try:
+        detect_dinov3(state_dict)
+        return "dinov3"
+    except cli.UserError:
+        return "timm"
 
 
 def parser() -> cli.ArgumentParser:
@@ -77,6 +105,15 @@ def parser() -> cli.ArgumentParser:
     parser.add_argument("--source-grid", type=_size, help="grid of a non-square source posemb")
     parser.add_argument("--ignore", action="append", default=list(DEFAULT_IGNORE),
                         help="regex of state-dict names to drop (repeatable, timm layout); default: heads")
+    eomt = parser.add_argument_group("EoMT checkpoints (--layout eomt)")
+    eomt.add_argument("--num-query-blocks", type=int,
+                      help="L2, the blocks that see the queries (not stored in official checkpoints): 3 for "
+                           "ViT-S/B, 4 for L, 5 for g")
+    eomt.add_argument("--base", help="the DINOv3 backbone file that an official DINOv3 EoMT checkpoint's "
+                                     "differences are added to")
+    eomt.add_argument("--absolute", action="store_true",
+                      help="the DINOv3 EoMT checkpoint holds full weights (saved with delta_weights False)")
+    eomt.add_argument("--hf-config", help="config.json of a transformers EoMT checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
 
@@ -88,13 +125,20 @@ def convert(args) -> int:
         num_cls_tokens=args.num_cls_tokens, final_norm=args.final_norm).items() if v is not None}
     state_dict = load_state_dict(args.input)
     layout = args.layout or detect_layout(state_dict)
-    if layout == "weaktr":
+    if layout != "eomt" and (args.base or args.absolute or args.hf_config or args.num_query_blocks):
+        raise cli.UserError(f"--base, --absolute, --hf-config and --num-query-blocks are for EoMT checkpoints; "
+                            f"{args.input} is a {layout} checkpoint")
+    if layout in ("eomt", "weaktr") and (args.format or format_for(args.output)) != "msgpack":
+        raise cli.UserError(f"a {layout} output must be a .msgpack file: orbax directories are read back as "
+                            f"plain ViT params")
+    if layout == "eomt":
+        config, params = _convert_eomt(args, state_dict, overrides)
+    elif layout == "dinov3":
+        config, params = from_dinov3(state_dict, **overrides)
+    elif layout == "weaktr":
         if {"num_cls_tokens", "final_norm"} & set(overrides):
             raise cli.UserError("--num-cls-tokens and --no-final-norm are for timm-layout ViTs: a WeakTr "
                                 "checkpoint already has its C class tokens and no final norm")
-        if (args.format or format_for(args.output)) != "msgpack":
-            raise cli.UserError("a WeakTr output must be a .msgpack file: orbax directories are read back "
-                                "as plain ViT params")
         config, params = from_official_weaktr(state_dict, source_grid=args.source_grid, **overrides)
     else:
         config, params = from_timm(state_dict, ignore=args.ignore, source_grid=args.source_grid, **overrides)
@@ -103,6 +147,23 @@ def convert(args) -> int:
     print(f"wrote {path} ({layout} layout, {count / 1e6:.2f}M parameters)")
     print("model config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     return 0
+
+
+def _convert_eomt(args, state_dict, overrides):
+    if args.hf_config:
+        if args.base or args.absolute:
+            raise cli.UserError("--base and --absolute are for official (tue-mps/eomt) checkpoints; a "
+                                "transformers checkpoint holds full weights")
+        return from_hf_eomt(state_dict, cli.read_json(args.hf_config, "--hf-config"), **overrides)
+    if any(k.endswith("class_predictor.weight") for k in state_dict):
+        raise cli.UserError(f"{args.input} is a transformers EoMT checkpoint: give its config.json with "
+                            f"--hf-config")
+    if args.num_query_blocks is None:
+        raise cli.UserError("an official EoMT checkpoint does not store L2, the number of blocks that see "
+                            "the queries: give --num-query-blocks (3 for ViT-S/B, 4 for L, 5 for g)")
+    base = load_state_dict(args.base) if args.base else None
+    return from_official_eomt(state_dict, num_query_blocks=args.num_query_blocks, base=base,
+                              absolute=args.absolute, **overrides)
 
 
 def main(argv=None) -> int:
