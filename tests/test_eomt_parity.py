@@ -316,3 +316,17 @@ def test_convert_tool_adds_the_dinov3_base(hf_dinov3_model, tmp_path, capsys):
     for (path, value), (_, other) in zip(jax.tree_util.tree_leaves_with_path(expected),
                                          jax.tree_util.tree_leaves_with_path(params), strict=True):
         np.testing.assert_array_equal(other, value, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("size,width,depth,heads", [("S", 384, 12, 6), ("L", 1024, 24, 16)])
+def test_dinov3_variant_parameter_counts_match_hf(size, width, depth, heads):
+    """Shape-only: the DINOv3 EoMT variants have as many parameters as transformers' EoMT-DINOv3."""
+    config = eomt_config(size, num_classes=133, num_queries=200, image_size=640, backbone="dinov3")
+    abstract = jax.eval_shape(lambda: EoMT(**config).init(
+        {"params": jax.random.key(0), "masking": jax.random.key(1)}, jnp.zeros((1, 640, 640, 3))))
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
+    with torch.device("meta"):
+        reference = EomtDinov3ForUniversalSegmentation(EomtDinov3Config(
+            hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * width,
+            image_size=640, num_blocks=config["num_query_blocks"], num_queries=200, num_labels=133))
+    assert ours == sum(p.numel() for p in reference.parameters())

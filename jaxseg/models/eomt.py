@@ -33,12 +33,15 @@ QUERY_BLOCKS = {"S": 3, "B": 3, "L": 4, "g": 5}
 
 
 def eomt_config(size: str = "L", *, num_classes: int, num_queries: int = 200, image_size: int = 640,
-                patch_size: int = 16, **encoder_overrides) -> dict:
-    """Keyword arguments of `EoMT` for the paper's DINOv2-with-registers backbones at patch 16."""
+                patch_size: int = 16, backbone: str = "dinov2_reg", **encoder_overrides) -> dict:
+    """Keyword arguments of `EoMT` for the paper's backbones at patch 16: DINOv2 with registers (its
+    position embedding resized to the input grid) or DINOv3 (`backbone="dinov3"`, RoPE)."""
     if image_size % patch_size:
         raise UserError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if backbone not in ("dinov2_reg", "dinov3"):
+        raise UserError(f"EoMT's backbone must be 'dinov2_reg' or 'dinov3', got {backbone!r}")
     grid = image_size // patch_size
-    encoder = vit_config(f"{size}/{patch_size}", "dinov2_reg", posemb_grid=(grid, grid), **encoder_overrides)
+    encoder = vit_config(f"{size}/{patch_size}", backbone, posemb_grid=(grid, grid), **encoder_overrides)
     return dict(encoder=encoder, num_classes=num_classes, num_queries=num_queries,
                 num_query_blocks=QUERY_BLOCKS[size])
 
