@@ -1,7 +1,8 @@
 """The command-line tools (`jaxseg-train`, `jaxseg-eval`, `jaxseg-predict`, `jaxseg-pseudo-labels`,
-`jaxseg-convert`, `jaxseg-make-dataset`; also `python tools/<name>.py`) and what they share: arguments
-whose mistakes are one `error:` line, a quiet console, and expected failures reported as one `error:` line
-with exit code 2. A traceback appears only with `--debug`, or for an exception that is a bug."""
+`jaxseg-export`, `jaxseg-convert`, `jaxseg-make-dataset`; also `python tools/<name>.py`) and what they
+share: arguments whose mistakes are one `error:` line, a quiet console, and expected failures reported as
+one `error:` line with exit code 2. A traceback appears only with `--debug`, or for an exception that is
+a bug."""
 from __future__ import annotations
 
 import argparse
