@@ -83,6 +83,8 @@ def _train(run_dir, *overrides):
     (["train.batch_size=0"], ["train.batch_size=0", ">= 1"]),
     (["evals.val.batch_size=0"], ["evals.val.batch_size=0", ">= 1"]),
     (["model.encoder.width=48"], ["does not match the model", "a run resumes the model it started with"]),
+    (["optimizer.freeze_encoder=True"], ["does not fit this run's", "optimizer.freeze_encoder",
+                                         "missing     opt_state/"]),
     (["train.total_steps"], ["must look like key=value"]),
 ])
 def test_train_refuses_a_bad_rerun_and_leaves_the_run_as_it_was(run, capsys, overrides, fragments):

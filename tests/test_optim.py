@@ -36,6 +36,11 @@ def test_layer_decay_follows_eomt():
     assert m["encoder"]["blocks_2"]["w"] == 1.0
     assert m["encoder"]["patch_embed"]["kernel"] == m["encoder"]["pos_embed"] == pytest.approx(0.64)
     assert m["encoder"]["norm"]["scale"] == 1.0 and m["class_head"]["kernel"] == 1.0
+    # DINOv3 recipes (llrd_l2_enabled False): the last L2 blocks keep the full lr, earlier ones still decay.
+    exempt = layer_decay(PARAMS, depth=3, decay=0.8, undecayed_last=1)
+    assert exempt["encoder"]["blocks_2"]["w"] == 1.0 and exempt["encoder"]["blocks_0"]["w"] == pytest.approx(0.64)
+    exempt = layer_decay(PARAMS, depth=3, decay=0.8, undecayed_last=3)
+    assert exempt["encoder"]["blocks_0"]["w"] == 1.0
 
 
 def test_adamw_groups_match_torch():

@@ -9,8 +9,10 @@ back sharded as the running job wants them.
 A step whose files were damaged afterwards (a truncated array file, empty or missing metadata, a missing
 item) is skipped with a warning that names it and the reason, and the next-newest is restored; nothing
 is deleted. Training moves such a step out of `checkpoints/` into `unusable_checkpoints/` once an older
-one restored, so that it can save that step again. A checkpoint whose parameters do not fit the model
-is not damaged: that is an error at once, since older steps of the run hold the same model.
+one restored, so that it can save that step again. A checkpoint whose parameters do not fit the model,
+or whose other state (optimizer state, step, rng) does not fit the run's (another optimizer layout, e.g.
+`optimizer.freeze_encoder` toggled), is not damaged: that is an error at once, since older steps of the
+run hold the same state.
 """
 from __future__ import annotations
 
@@ -61,8 +63,9 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _stored_params(manager: ocp.CheckpointManager, step: int, items: tuple[str, ...]) -> Any:
-    """The params metadata of `step` (names, shapes) once the step's `items` are there and readable."""
+def _stored_state(manager: ocp.CheckpointManager, step: int, items: tuple[str, ...]) -> Any:
+    """The state metadata of `step` (names, shapes; it holds params) once the step's `items` are there
+    and readable."""
     step_dir = pathlib.Path(manager.directory) / str(step)
     missing = [item for item in items if not (step_dir / item).is_dir()]
     if missing:
@@ -73,7 +76,7 @@ def _stored_params(manager: ocp.CheckpointManager, step: int, items: tuple[str, 
         raise _Damaged(f"its metadata cannot be read ({_first_line(e)})") from e
     if stored is None or "params" not in stored:
         raise _Damaged("its state metadata holds no params")
-    return stored["params"]
+    return stored
 
 
 def _restore_newest(manager: ocp.CheckpointManager, step: int | None, restore_step: Callable[[int], Any],
@@ -145,9 +148,7 @@ class Checkpointer:
         needed = ("state", "data") if data_iterator is not None else ("state",)
 
         def restore_step(candidate: int):
-            stored = _stored_params(self.manager, candidate, needed)
-            params = abstract_state["params"] if isinstance(abstract_state, dict) else abstract_state.params
-            check_tree_names(flax.linen.unbox(params), stored,
+            check_state_fits(abstract_state, _stored_state(self.manager, candidate, needed),
                              f"checkpoint {self.directory}/{candidate}")
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if (self.directory / str(candidate) / "config").is_dir():
@@ -203,6 +204,33 @@ def check_tree_names(expected: Any, actual: Any, what: str, max_lines: int = 12)
         raise WeightConversionError(f"{what} does not match the model:\n" + "\n".join(diff[:max_lines] + more))
 
 
+def _leaf_shapes(tree: Any) -> dict:
+    """{"a/0/b": shape} of a tree's leaves, with NamedTuple fields, dict keys and sequence indices named as
+    orbax's metadata names them."""
+    def part(key) -> str:
+        return str(next(getattr(key, a) for a in ("name", "key", "idx") if hasattr(key, a)))
+    return {"/".join(part(key) for key in path): tuple(getattr(leaf, "shape", ()))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_state_fits(abstract_state: Any, stored_state: Any, what: str, max_lines: int = 12) -> None:
+    """Raises when a checkpoint's state metadata does not fit `abstract_state` (a `TrainState` or a dict
+    with "params"): its params (name diff), then everything else it holds (optimizer state, step, rng)."""
+    abstract_state = flax.linen.unbox(abstract_state)
+    params = abstract_state["params"] if isinstance(abstract_state, dict) else abstract_state.params
+    check_tree_names(params, stored_state["params"], what)
+    expected, stored = (
+        {name: shape for name, shape in _leaf_shapes(tree).items() if not name.startswith("params/")}
+        for tree in (abstract_state, {key: stored_state[key] for key in stored_state.keys()}))
+    diff = shape_diff(expected, stored)
+    if diff:
+        more = [f"... and {len(diff) - max_lines} more"] if len(diff) > max_lines else []
+        raise UserError(f"{what} holds a train state (optimizer state, step, rng) that does not fit this run's: "
+                        "a run resumes with the optimizer layout it started with (e.g. the same "
+                        "optimizer.freeze_encoder); to change it, train in a new workdir with "
+                        "train.init_checkpoint=<this run> (params only):\n" + "\n".join(diff[:max_lines] + more))
+
+
 def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any = None,
                    step: int | None = None, with_step: bool = False) -> Any:
     """Parameters (state["params"]) of step `step` (default: the newest usable) of a run directory or
@@ -223,7 +251,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any
     manager = _reader(checkpoints)
 
     def restore_step(candidate: int):
-        check_tree_names(abstract_params, _stored_params(manager, candidate, ("state",)),
+        check_tree_names(abstract_params, _stored_state(manager, candidate, ("state",))["params"],
                          f"checkpoint {checkpoints}/{candidate}")
         try:
             return manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -240,10 +268,10 @@ def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any
     return (params, step) if with_step else params
 
 
-def check_resumable(workdir: str | os.PathLike, abstract_params: Any) -> bool:
+def check_resumable(workdir: str | os.PathLike, abstract_state: Any) -> bool:
     """Whether the run in `workdir` has a checkpoint to resume from; raises (reading metadata only, writing
-    nothing) when the newest readable one holds params that do not fit `abstract_params`, so that a
-    rejected rerun is rejected before it changes the run."""
+    nothing) when the newest readable one holds a state that does not fit `abstract_state`
+    (`check_state_fits`), so that a rejected rerun is rejected before it changes the run."""
     checkpoints = pathlib.Path(workdir) / "checkpoints"
     if not checkpoints.is_dir():
         return False
@@ -252,10 +280,10 @@ def check_resumable(workdir: str | os.PathLike, abstract_params: Any) -> bool:
         steps = sorted(manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                stored = _stored_params(manager, step, ("state",))
+                stored = _stored_state(manager, step, ("state",))
             except _Damaged:
                 continue  # the restore skips it with a warning
-            check_tree_names(flax.linen.unbox(abstract_params), stored,
+            check_state_fits(abstract_state, stored,
                              f"checkpoint {checkpoints}/{step} (a run resumes the model it started with; train "
                              f"another one in a new workdir)")
             break

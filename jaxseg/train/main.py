@@ -41,7 +41,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     evaluators = {name: build_evaluator(method, e, mesh=mesh, rules=parts.parallel.rules)
                   for name, e in parts.evals.items()}
     _, abstract_state, _ = abstract_train_state(method, train.seed, mesh, parts.parallel.rules)
-    resuming = check_resumable(workdir, abstract_state.params)
+    resuming = check_resumable(workdir, abstract_state)
     if not resuming and train.init_checkpoint and not pathlib.Path(train.init_checkpoint).exists():
         raise FileNotFoundError(f"train.init_checkpoint {train.init_checkpoint} does not exist")
     created = not workdir.exists()

@@ -4,12 +4,13 @@ decay, regex groups) and per-group schedules. The recipes themselves live with t
 
 The update of a parameter p in group g is torch AdamW's: p <- p - lr_g(t) * m_p * (adam(p) + wd * p),
 with lr_g the group's schedule and m_p its multiplier. Frozen phases are schedules at 0: the Adam moments
-keep accumulating (as EoMT's frozen-backbone warm-up does), only the step is zero.
+keep accumulating (as EoMT's frozen-backbone warm-up does), only the step is zero. Frozen groups
+(`adamw_groups(frozen=...)`) are different: their parameters get no update and no optimizer state at all.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import flax
 import jax
@@ -45,16 +46,17 @@ def path_names(params) -> dict:
     return flax.traverse_util.unflatten_dict({k: k for k in flat}, sep="/")
 
 
-def layer_decay(params, depth: int, decay: float, encoder: str = "encoder") -> dict:
-    """Layer-wise lr multipliers of a jaxseg ViT under `encoder`: block j gets decay^(depth-1-j); the
-    embedding (patch, position, class and register tokens) block 0's factor; the final norm and everything
-    outside the encoder 1 (EoMT's LLRD)."""
+def layer_decay(params, depth: int, decay: float, encoder: str = "encoder", undecayed_last: int = 0) -> dict:
+    """Layer-wise lr multipliers of a jaxseg ViT under `encoder`: block j gets decay^(depth-1-j), except the
+    last `undecayed_last` blocks, which get 1; the embedding (patch, position, class and register tokens)
+    block 0's factor; the final norm and everything outside the encoder 1 (EoMT's LLRD)."""
     def multiplier(name: str) -> float:
         if not name.startswith(encoder + "/"):
             return 1.0
         block = re.match(rf"{re.escape(encoder)}/blocks_(\d+)/", name)
         if block:
-            return decay ** (depth - 1 - int(block.group(1)))
+            index = int(block.group(1))
+            return 1.0 if index >= depth - undecayed_last else decay ** (depth - 1 - index)
         if re.match(rf"{re.escape(encoder)}/(patch_embed|pos_embed|cls_token|reg_token)", name):
             return decay ** (depth - 1)
         return 1.0
@@ -90,11 +92,24 @@ def scale_by_group_schedule(labels, multipliers, schedules: Mapping[str, Schedul
 
 def adamw_groups(labels, multipliers, schedules: Mapping[str, Schedule], *, weight_decay: float,
                  clip_norm: float | None = None, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                 mu_dtype=None) -> optax.GradientTransformation:
+                 mu_dtype=None, frozen: Collection[str] = ()) -> optax.GradientTransformation:
     """torch-AdamW with global-norm clipping, per-group schedules and per-parameter multipliers; weight
-    decay on every parameter (as EoMT and WeakTr do)."""
-    return optax.chain(
+    decay on every parameter (as EoMT and WeakTr do). Parameters of the `frozen` groups never move and
+    have no state (no Adam moments are allocated for them); the clipping norm is that of the others'
+    gradients, and the frozen groups need no schedule."""
+    trainable = jax.tree_util.tree_map(lambda group: group not in frozen, labels)
+    tx = optax.chain(
         optax.clip_by_global_norm(clip_norm) if clip_norm else optax.identity(),
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
         optax.add_decayed_weights(weight_decay),
-        scale_by_group_schedule(labels, multipliers, schedules))
+        # Under optax.partition the chain sees the frozen leaves as MaskedNodes: so must its group tables.
+        scale_by_group_schedule(_masked(labels, trainable), _masked(multipliers, trainable), schedules))
+    if not frozen:
+        return tx
+    return optax.partition({"trained": tx, "frozen": optax.set_to_zero()},
+                           jax.tree_util.tree_map(lambda keep: "trained" if keep else "frozen", trainable))
+
+
+def _masked(tree, keep):
+    """`tree` with the leaves where `keep` is False replaced as `optax.masked` replaces them."""
+    return jax.tree_util.tree_map(lambda value, k: value if k else optax.MaskedNode(), tree, keep)

@@ -24,30 +24,49 @@ from jaxseg.models.eomt import EoMT
 from jaxseg.train.optim import adamw_groups, layer_decay, regex_labels, warmup_poly
 
 SEGMENTATIONS = ("semantic", "panoptic", "instance")
+ENCODER = "encoder"  # the ViT's subtree of EoMT's params (`EoMT.setup`)
 
 
 @dataclasses.dataclass(frozen=True)
 class EomtOptimizer:
     """The recipe (a config's `optimizer` section): AdamW (wd on all parameters), LLRD over the encoder,
     heads warming up over warmup[0] steps, the encoder frozen (lr 0, moments accumulating) for warmup[0]
-    steps and warming up over warmup[1], then poly decay; gradients clipped to a global norm."""
+    steps and warming up over warmup[1], then poly decay; gradients clipped to a global norm.
+
+    `freeze_encoder`: the ViT encoder (every `encoder/...` parameter, its final norm included) is never
+    trained: it gets no weight gradients and no optimizer state, and only the queries, class head, mask head
+    and upscale blocks learn (heads' schedule and clipping as above, over their gradients alone; LLRD and
+    warmup[1] then have nothing to act on). The queries still pass through the last encoder blocks, so
+    gradients still flow through the encoder's activations. Toggling it changes the optimizer state, so a
+    run cannot resume across the switch: start a new workdir from the run's params (`train.init_checkpoint`).
+
+    `decay_query_blocks`: False trains the last L2 encoder blocks (those that see the queries) at the full
+    lr, outside the layer-wise decay, as the DINOv3 recipes do (tue-mps/eomt `llrd_l2_enabled: False`)."""
     lr: float = setting(1e-4, "finite and >= 0")
     weight_decay: float = setting(0.05, "finite and >= 0")
     layer_decay: float = setting(0.8, "in [0, 1]")
     warmup: tuple[int, int] = setting((500, 1000), ">= 0")
     clip_norm: float = setting(0.01, "> 0")
     power: float = setting(0.9, ">= 0")
+    freeze_encoder: bool = False
+    decay_query_blocks: bool = True
 
     def __post_init__(self):
         check_rules(self)
 
-    def build(self, params: Any, total_steps: int, depth: int) -> optax.GradientTransformation:
-        labels = regex_labels(params, [(r"^encoder/", "backbone")], "head")
-        schedules = {"head": warmup_poly(self.lr, total_steps, self.warmup[0], power=self.power),
-                     "backbone": warmup_poly(self.lr, total_steps, self.warmup[1], frozen_steps=self.warmup[0],
-                                             power=self.power)}
-        return adamw_groups(labels, layer_decay(params, depth, self.layer_decay), schedules,
-                            weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+    def build(self, params: Any, total_steps: int, depth: int, query_blocks: int = 0
+              ) -> optax.GradientTransformation:
+        """`query_blocks`: L2, the last encoder blocks, which `decay_query_blocks=False` exempts from LLRD."""
+        labels = regex_labels(params, [(rf"^{ENCODER}/", "backbone")], "head")
+        multipliers = layer_decay(params, depth, self.layer_decay, ENCODER,
+                                  undecayed_last=0 if self.decay_query_blocks else query_blocks)
+        schedules = {"head": warmup_poly(self.lr, total_steps, self.warmup[0], power=self.power)}
+        if not self.freeze_encoder:
+            schedules["backbone"] = warmup_poly(self.lr, total_steps, self.warmup[1], frozen_steps=self.warmup[0],
+                                                power=self.power)
+        return adamw_groups(labels, multipliers, schedules,
+                            weight_decay=self.weight_decay, clip_norm=self.clip_norm,
+                            frozen=("backbone",) if self.freeze_encoder else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +130,16 @@ class EomtMethod:
         return self.network.init({"params": rng, "masking": rng}, images, jnp.ones(self.num_blocks))["params"]
 
     def optimizer_for(self, params: Any) -> optax.GradientTransformation:
-        return self.optimizer.build(params, self.total_steps, self.model["encoder"]["depth"])
+        return self.optimizer.build(params, self.total_steps, self.model["encoder"]["depth"],
+                                    self.model["num_query_blocks"])
 
     def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array):
         masking, dropout, points = jax.random.split(rng, 3)
         probs = mask_annealing_probs(step, *self.windows, power=self.annealing.power)
+        if self.optimizer.freeze_encoder:
+            # Constants to the gradient, so XLA computes no weight gradients for them; the activations stay
+            # differentiable, and the queries' gradients flow back through the blocks they pass.
+            params = {**params, ENCODER: jax.lax.stop_gradient(params[ENCODER])}
         out = self.network.apply({"params": params}, batch["image"], probs, train=True,
                                  rngs={"masking": masking, "dropout": dropout})
         targets = Targets(batch["masks"], batch["labels"], batch["valid"])
