@@ -23,8 +23,9 @@ import ml_collections
 from jaxseg.data.synthetic import SceneConfig
 from jaxseg.methods import method_class
 from jaxseg.methods.base import choose
+from jaxseg.methods.eomt.annealing import mask_annealing_windows
 from jaxseg.models.eomt import QUERY_BLOCKS
-from jaxseg.models.vit import vit_config
+from jaxseg.models.vit import FAMILIES, vit_config
 from jaxseg.parallel import DEFAULT_RULES
 
 # The scenes' foreground for weakly supervised segmentation: their thing classes (categories 0..T-1).
@@ -47,19 +48,20 @@ def _fields(cls: type, values: dict, skip: tuple[str, ...] = ()) -> dict:
     for field in dataclasses.fields(cls):
         if not field.init or field.name in skip:
             continue
-        if field.name in values:
-            out[field.name] = values[field.name]
-        elif field.default is not dataclasses.MISSING:
-            default = field.default
-            out[field.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
+        default = field.default
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
         elif field.default_factory is not dataclasses.MISSING:
-            out[field.name] = field.default_factory()
+            default = field.default_factory()
+        if field.name in values:
+            value = values[field.name]
+            # A partial nested section (e.g. set_loss=dict(num_points=...)) keeps the other defaults.
+            out[field.name] = {**default, **value} if isinstance(value, dict) and isinstance(default, dict) else value
+        elif default is not dataclasses.MISSING:
+            out[field.name] = default
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise KeyError(f"{cls.__name__} has no field(s) {unknown}")
-    for name, value in values.items():
-        if isinstance(value, dict) and isinstance(out.get(name), dict):
-            out[name] = {**out[name], **value}
     return out
 
 
@@ -141,28 +143,51 @@ def parse_arg(arg: str, choices: tuple[str, ...] = (), default: str = "") -> tup
     return (picked[0] if picked else default), "runlocal" in parts
 
 
+# The DINOv3 recipes' departures from the DINOv2 ones (tue-mps/eomt configs/dinov3/*.yaml): lr 2e-4,
+# warm-up (2000, 3000), the query blocks outside the layer-wise decay (`llrd_l2_enabled: False`).
+DINOV3_RECIPE = dict(lr=2e-4, warmup=(2000, 3000), decay_query_blocks=False)
+
+
+def first_block_from_start(total_steps: int, num_blocks: int, first_end: int = 3000) -> dict:
+    """The DINOv3 panoptic / semantic annealing (an `Annealing` section): the first query block anneals over
+    [0, first_end), the others keep the T/6 windows (`mask_annealing_windows`); at T = 88,692 (COCO, 12
+    epochs, L2 = 4) this is the official table: starts [0, 29564, 44346, 59128], ends [3000, 44346, 59128,
+    73910]."""
+    starts, ends = mask_annealing_windows(total_steps, num_blocks)
+    return dict(starts=(0, *starts[1:]), ends=(first_end, *ends[1:]))
+
+
 def eomt_recipe(arg: str, *, data: dict, segmentation: str, num_classes: int, num_things: int, crop: int,
                 queries: int, epochs: int, train_images: int, scale_range: tuple[float, float], color_jitter: bool,
                 eval_split: str, canvas: tuple[int, int], epochs_small: int | None = None,
-                max_windows: int = 2) -> ml_collections.ConfigDict:
+                max_windows: int = 2, backbone: str = "dinov2_reg", optimizer: dict | None = None,
+                annealing=None) -> ml_collections.ConfigDict:
     """An EoMT config with the published DINOv2 recipe (docs/eomt.md, "Training recipe"): AdamW 1e-4, wd
     0.05, LLRD 0.8, warm-up (500, 1000) + poly 0.9, clipping 0.01, global batch 16, Mask2Former loss with
     12,544 points; `epochs` of `train_images` images (drop_last), `epochs_small` for S/B where the recipe
     trains longer. `canvas`: the largest evaluation image. `arg`: "S" | "B" | "L" (default) | "g", plus
-    ",runlocal" for a tiny model on tiny crops that runs on a CPU (give it a small prepared dataset)."""
+    ",runlocal" for a tiny model on tiny crops that runs on a CPU (give it a small prepared dataset).
+    `backbone`: "dinov2_reg" or "dinov3" (`jaxseg.models.vit.FAMILIES`), `optimizer`: settings that
+    differ from the DINOv2 recipe, `annealing`: None for the T/6 windows, or a function (total steps,
+    L2) -> `Annealing` section (the full-size recipe only)."""
     size, runlocal = parse_arg(arg, tuple(QUERY_BLOCKS), default="L")
+    optimizer = dict(dict(lr=1e-4, layer_decay=0.8, warmup=(500, 1000), clip_norm=0.01), **(optimizer or {}))
     if runlocal:
-        encoder = dict(TINY_ENCODER, num_registers=4, posemb_covers_prefix=False)
+        family = {k: v for k, v in FAMILIES[backbone].items() if k != "pretrain_size"}
+        encoder = dict(TINY_ENCODER, **family)
         model = dict(encoder=encoder, num_classes=num_classes, num_queries=8, num_query_blocks=1)
-        crop, batch_size, total_steps, warmup, num_points, max_segments = 64, 2, 6, (2, 2), 256, 8
+        crop, batch_size, total_steps, num_points, max_segments = 64, 2, 6, 256, 8
+        optimizer["warmup"] = (2, 2)
         canvas = (crop, crop)
+        annealing_section = {}
     else:
-        encoder = vit_config(f"{size}/16", "dinov2_reg", posemb_grid=(crop // 16, crop // 16))
+        encoder = vit_config(f"{size}/16", backbone, posemb_grid=(crop // 16, crop // 16))
         model = dict(encoder=encoder, num_classes=num_classes, num_queries=queries,
                      num_query_blocks=QUERY_BLOCKS[size])
         batch_size = 16
         total_steps = (epochs_small if epochs_small and size in ("S", "B") else epochs) * (train_images // batch_size)
-        warmup, num_points, max_segments = (500, 1000), 12544, 100
+        num_points, max_segments = 12544, 100
+        annealing_section = annealing(total_steps, QUERY_BLOCKS[size]) if annealing else {}
     predictor = predictor_section("eomt", segmentation, canvas=canvas,
                                   **(dict(max_windows=max_windows) if segmentation == "semantic" else {}))
     metrics = metrics_section("eomt", *{"panoptic": ("semantic", "panoptic"), "instance": ("instance",),
@@ -173,12 +198,13 @@ def eomt_recipe(arg: str, *, data: dict, segmentation: str, num_classes: int, nu
     return make_config(
         method=method_section("eomt", segmentation=segmentation, num_things=num_things, crop_size=crop,
                                scale_range=scale_range, color_jitter=color_jitter, max_segments=max_segments,
-                               set_loss=dict(num_points=num_points)),
+                               set_loss=dict(num_points=num_points), annealing=annealing_section),
         model=model,
-        optimizer=optimizer_section("eomt", lr=1e-4, layer_decay=0.8, warmup=warmup, clip_norm=0.01),
+        optimizer=optimizer_section("eomt", **optimizer),
         data=data,
         evals=dict(val=evaluation(eval_split, predictor, metrics, batch_size=2 if runlocal else 8)),
-        # The recipe fine-tunes DINOv2: convert its weights (tools/convert_weights.py) and set init_checkpoint.
+        # The recipe fine-tunes DINOv2 / DINOv3: convert its weights (tools/convert_weights.py) and set
+        # init_checkpoint.
         train=train_section(runlocal, total_steps=total_steps, batch_size=batch_size, init_into="encoder",
                             requires_init_checkpoint=not runlocal),
         parallel=parallel_section(mesh))

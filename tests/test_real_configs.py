@@ -1,8 +1,8 @@
-"""The configs of the real benchmarks (EoMT on COCO panoptic / instance, ADE20K, Cityscapes; WeakTr on
-VOC and COCO) in their runlocal form, end to end on tiny fake datasets in the official layouts (the
-writers of test_builders.py): prepared from `dataset.manual_dir` on first use, trained a few steps,
-evaluated with each method's metric. Numbers are not meaningful at this size; the plumbing is what is
-checked (label spaces, splits, segment tables, variable image sizes, metric keys)."""
+"""The configs of the real benchmarks (EoMT over DINOv2 and DINOv3 on COCO panoptic / instance, ADE20K,
+Cityscapes; WeakTr on VOC and COCO) in their runlocal form, end to end on tiny fake datasets in the
+official layouts (the writers of test_builders.py): prepared from `dataset.manual_dir` on first use,
+trained a few steps, evaluated with each method's metric. Numbers are not meaningful at this size; the
+plumbing is what is checked (label spaces, splits, segment tables, variable image sizes, metric keys)."""
 import json
 
 import numpy as np
@@ -40,6 +40,8 @@ def _run(spec, workdir, manual_dirs, data_dir, *overrides):
     ("configs/eomt/coco_instance.py:runlocal", ("AP", "AP50")),
     ("configs/eomt/ade20k_semantic.py:runlocal", ("mean_iou",)),
     ("configs/eomt/cityscapes_semantic.py:runlocal", ("mean_iou",)),
+    # DINOv3 (RoPE): its instance and ADE20K configs differ only in sections that test_configs.py builds.
+    ("configs/eomt/coco_panoptic_dinov3.py:runlocal", ("PQ", "PQ_things", "PQ_stuff", "mean_iou")),
     ("configs/weaktr/voc_cam.py:runlocal", ("cam_miou", "best_threshold")),
     ("configs/weaktr/coco_cam.py:runlocal", ("cam_miou", "best_threshold")),
 ])
