@@ -27,6 +27,7 @@ from jaxseg.evaluate import build_evaluator
 from jaxseg.inference.mask_classification import panoptic_segments, semantic_scores
 from jaxseg.metrics import confusion_matrix, panoptic_stats
 from jaxseg.metrics.accumulators import SemanticMetric
+from jaxseg.models.weaktr import select_cam
 from jaxseg.ops.image import normalize
 from jaxseg.runs import sections
 from jaxseg.testing import per_image
@@ -83,7 +84,7 @@ def per_image_loop(method, predictor, metrics, params, source):
         def cams(params, image, labels):
             def cam_fn(views):
                 out = method.network.apply({"params": params}, views)
-                return out["fused_cam"], out["patch_attention"] if predictor.refine else None
+                return select_cam(out, predictor.cam_kind), out["patch_attention"] if predictor.refine else None
             return image_cams(cam_fn, image, labels, predictor.patch, predictor.scales)
         run = jax.jit(cams)
         metric = metrics["cam_sweep"]

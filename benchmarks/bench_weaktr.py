@@ -87,7 +87,7 @@ def stage2_torch(encoder, classes, images, labels, cell, start_value, steps) -> 
     from jaxseg.testing.references.segmenter import (
         TorchMultiMaskTransformer,
         torch_gradient_clipping_loss,
-        torch_multi_segmenter,
+        torch_segmenter,
     )
 
     device = torch_device()[0]
@@ -103,7 +103,7 @@ def stage2_torch(encoder, classes, images, labels, cell, start_value, steps) -> 
                                 momentum=0.9, nesterov=True)
     x, y = _torch_inputs(images, labels, device)
     return time_torch_step(modules, optimizer, lambda: torch_gradient_clipping_loss(
-        torch_multi_segmenter(vit, decoder, x)[-1], y.long(), start_value, cell), steps)
+        torch_segmenter(vit, decoder, x)[-1], y.long(), start_value, cell), steps)
 
 
 def _devices(args) -> str:

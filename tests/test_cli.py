@@ -19,7 +19,7 @@ def test_every_console_script_is_a_main_of_jaxseg_cli_and_of_a_tools_wrapper():
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     scripts = [line.split("=") for line in setup["options.entry_points"]["console_scripts"].split("\n") if line]
-    assert len(scripts) == 7
+    assert len(scripts) == 8
     for name, target in scripts:
         module, function = target.strip().split(":")
         main = getattr(importlib.import_module(module), function)

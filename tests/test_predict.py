@@ -16,6 +16,7 @@ from PIL import Image
 
 from jaxseg.config import apply_overrides, load_config
 from jaxseg.inference.mask_classification import panoptic_segments, semantic_scores
+from jaxseg.models.weaktr import select_cam
 from jaxseg.ops.image import normalize
 from jaxseg.runs import load_run
 from jaxseg.testing import per_image
@@ -73,7 +74,7 @@ def _expected(run, image: np.ndarray, labels: np.ndarray | None = None) -> dict:
 
     def cam_fn(views):
         out = method.network.apply({"params": params}, views)
-        return out["fused_cam"], out["patch_attention"] if settings["refine"] else None
+        return select_cam(out, predictor.cam_kind), out["patch_attention"] if settings["refine"] else None
     cams = image_cams(cam_fn, image, present, predictor.patch, settings["scales"])
     return {"semantic": np.asarray(pseudo_label(cams, present, settings["threshold"])), "present": present}
 

@@ -67,14 +67,20 @@ def test_resampled_patch_kernel_keeps_the_embedding_of_upsampled_patches():
     assert rel_err(new, old) <= 1e-5
 
 
-@pytest.mark.parametrize("new_grid", [(20, 30), (7, 9), (14, 28)])
+@pytest.mark.parametrize("new_grid", [(20, 30), (7, 9), (14, 28), (14, 14)])
 def test_dino_posemb_resize_matches_interpolate_with_scale_factor(new_grid):
-    """DINO / MCTformer / WeakTr `interpolate_pos_encoding`: bicubic with scale factors (n + 0.1) / N."""
+    """DINO / MCTformer / WeakTr `interpolate_pos_encoding`: bicubic with scale factors (n + 0.1) / N, also
+    for the stored grid when the input is not square; the stored table itself for a square input."""
     posemb = RNG.standard_normal((1, 3 + 14 * 14, 16)).astype(np.float32)
     patch = torch.from_numpy(posemb[:, 3:]).reshape(1, 14, 14, 16).permute(0, 3, 1, 2)
     resized = F.interpolate(patch, scale_factor=((new_grid[0] + 0.1) / 14, (new_grid[1] + 0.1) / 14),
                             mode="bicubic")
     expected = np.concatenate([posemb[:, :3], resized.permute(0, 2, 3, 1).reshape(1, -1, 16).numpy()], 1)
-    assert rel_err(resample_posemb(posemb, (14, 14), new_grid, 3, mode="dino"), expected) <= TOL
+    assert rel_err(resample_posemb(posemb, (14, 14), new_grid, 3, mode="dino", square_input=False),
+                   expected) <= TOL
+    if new_grid == (14, 14):
+        assert resample_posemb(posemb, (14, 14), new_grid, 3, mode="dino") is posemb
+    else:
+        assert rel_err(resample_posemb(posemb, (14, 14), new_grid, 3, mode="dino"), expected) <= TOL
     with pytest.raises(ValueError, match="posemb resize mode"):
         resample_posemb(posemb, (14, 14), new_grid, 3, mode="nearest")

@@ -1,7 +1,9 @@
 """Segmenter (WeakTr stage 2) against the PyTorch reference of the official `Segmenter` / `MultiSegmenter`
 forward with its `MaskTransformer` / `MultiMaskTransformer` decoder (`jaxseg/testing/references/segmenter.py`,
-written from hustvl/WeakTr `OnlineRetraining/segm/model/{segmenter,decoder}.py`). Random weights, CPU,
-float32, tolerance 1e-5."""
+written from hustvl/WeakTr `OnlineRetraining/segm/model/{segmenter,decoder}.py`) over a timm encoder (timm's
+LayerNorm eps and position-embedding resize), converted by `from_official_segmenter`. Random weights, CPU,
+float32, tolerance 1e-5. Official encoders, checkpoint files and the linear decoder: tests/test_convert_segmenter.py.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from jaxseg.convert import from_timm
-from jaxseg.convert.timm import block_from_timm
+from jaxseg.convert import from_official_segmenter
 from jaxseg.models.segmenter import Segmenter, combine_readouts
-from jaxseg.testing.references.segmenter import TorchMultiMaskTransformer, torch_multi_segmenter
+from jaxseg.testing.references.segmenter import TorchMultiMaskTransformer, TorchSegmenter, randomize, torch_segmenter
 from jaxseg.testing.references.timm_vit import random_timm_vit, rel_err
 
 N_CLS, WIDTH, HEADS = 6, 64, 4
@@ -23,22 +24,10 @@ ENCODER = ("vit_small_patch16_224", dict(depth=2, embed_dim=WIDTH, num_heads=HEA
 @pytest.fixture(scope="module")
 def models():
     encoder = random_timm_vit(*ENCODER)
-    torch.manual_seed(1)
-    decoder = TorchMultiMaskTransformer(N_CLS, WIDTH, HEADS).eval()
-    with torch.no_grad():
-        for name, param in decoder.named_parameters():  # LayerNorm scales around 1, the rest around 0
-            param.copy_(torch.randn_like(param) * 0.3 + float(name.endswith("weight") and param.ndim == 1))
-    encoder_config, encoder_params = from_timm(encoder.state_dict(), num_heads=HEADS)
-    sd = {k: v.detach().numpy() for k, v in decoder.state_dict().items()}
-    params = {"encoder": encoder_params,
-              "proj_dec": {"kernel": sd["proj_dec.weight"].T, "bias": sd["proj_dec.bias"]},
-              "cls_emb": sd["cls_emb"], "proj_patch": sd["proj_patch"], "proj_classes": sd["proj_classes"],
-              "decoder_norm": {"scale": sd["decoder_norm.weight"], "bias": sd["decoder_norm.bias"]},
-              "mask_norm": {"scale": sd["mask_norm.weight"], "bias": sd["mask_norm.bias"]}}
-    for i in range(2):
-        params[f"blocks_{i}"] = block_from_timm(sd, f"blocks.{i}.", HEADS)
-    model = Segmenter(encoder=encoder_config, num_classes=N_CLS, decoder_heads=HEADS, decoder_mlp_dim=4 * WIDTH)
-    return encoder, decoder, model, params
+    decoder = randomize(TorchMultiMaskTransformer(N_CLS, WIDTH, HEADS), seed=1)
+    config, params = from_official_segmenter(TorchSegmenter(encoder, decoder).state_dict(), num_heads=HEADS,
+                                             decoder_heads=HEADS, layernorm_eps=1e-6, posemb_resize="timm")
+    return encoder, decoder, Segmenter(**config), params
 
 
 @pytest.mark.parametrize("size", [(32, 32), (37, 50)])  # (37, 50) is padded to (40, 56), then cropped
@@ -46,7 +35,7 @@ def test_readouts_match_reference(models, size):
     encoder, decoder, model, params = models
     images = np.random.default_rng(2).standard_normal((2, *size, 3)).astype(np.float32)
     with torch.no_grad():
-        expected = torch_multi_segmenter(encoder, decoder, torch.from_numpy(images).permute(0, 3, 1, 2))
+        expected = torch_segmenter(encoder, decoder, torch.from_numpy(images).permute(0, 3, 1, 2))
     logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
     assert logits.shape == (2, 2, *size, N_CLS)
     errors = [rel_err(logits[i], expected[i].permute(0, 2, 3, 1).numpy()) for i in range(2)]

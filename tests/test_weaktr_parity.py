@@ -104,3 +104,5 @@ def test_bad_configurations_are_named():
         WeakTr(encoder=encoder, num_classes=3, reduction=8).init(jax.random.key(0), images)
     with pytest.raises(ValueError, match="fusion must be one of"):
         WeakTr(encoder=encoder, num_classes=3, fusion="mean").init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="7x16 pixels is smaller than one 8 px patch"):
+        WeakTr(encoder=encoder, num_classes=3, reduction=2).init(jax.random.key(0), jnp.zeros((1, 7, 16, 3)))

@@ -1,4 +1,4 @@
-"""The command-line tools (`jaxseg-train`, `jaxseg-eval`, `jaxseg-predict`, `jaxseg-pseudo-labels`,
+"""The command-line tools (`jaxseg-train`, `jaxseg-eval`, `jaxseg-predict`, `jaxseg-pseudo-labels`, `jaxseg-clip-es`,
 `jaxseg-export`, `jaxseg-convert`, `jaxseg-make-dataset`; also `python tools/<name>.py`) and what they
 share: arguments whose mistakes are one `error:` line, a quiet console, and expected failures reported as
 one `error:` line with exit code 2. A traceback appears only with `--debug`, or for an exception that is

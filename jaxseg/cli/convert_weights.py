@@ -1,10 +1,12 @@
 """Converts a local timm / DeiT / DINOv2 / DINOv3 ViT checkpoint, an EoMT checkpoint (official or
-transformers, over DINOv2 or DINOv3), or an official WeakTr / MCTformer-V2 stage-1 checkpoint, to jaxseg
-params.
+transformers, over DINOv2 or DINOv3), an official WeakTr / MCTformer-V2 stage-1 checkpoint, or an official
+Segmenter or WeakTr stage-2 checkpoint, to jaxseg params.
 
     jaxseg-convert --input vit_small_patch14_reg4_dinov2.safetensors \\
         --output dinov2_s.msgpack --patch-size 16 --image-size 640
     jaxseg-convert --input WeakTr_checkpoint_best_mIoU.pth --output weaktr.msgpack
+    jaxseg-convert --input seg_small_mask/checkpoint.pth --output seg_small_mask.msgpack
+    jaxseg-convert --input clip-vit-base-patch16/model.safetensors --output clip_b16.msgpack
     jaxseg-convert --input deit_small_patch16_224-cd65a155.pth \\
         --output deit_s_cls20.msgpack --num-cls-tokens 20 --no-final-norm
     (or: python tools/convert_weights.py ...)
@@ -24,11 +26,13 @@ that cannot be read, or that holds NaN or Inf weights, is refused.
 Layout (--layout, detected by default): "timm" (a ViT, see jaxseg.convert.from_timm), "dinov3" (a DINOv3
 ViT in transformers', the official or timm's names: jaxseg.convert.dinov3.from_dinov3), "eomt" (an EoMT
 network: tue-mps/eomt's `q.weight` layout, or transformers' with --hf-config, see
-jaxseg.convert.eomt) or "weaktr" (jaxseg.convert.from_official_weaktr: C class tokens, a conv `head`,
-the AAF).
+jaxseg.convert.eomt), "weaktr" (jaxseg.convert.from_official_weaktr: C class tokens, a conv `head`,
+the AAF) or "segmenter" (jaxseg.convert.from_official_segmenter: `encoder.` and `decoder.` names, a linear
+or mask-transformer decoder; rstrudel/segmenter and WeakTr stage 2) or "clip" (a CLIP with a ViT image
+tower in OpenAI / open_clip or transformers names, for CLIP-ES: jaxseg.convert.from_clip).
 Output: a .msgpack file, or any other name for an orbax directory (ViT params only); see
-jaxseg.convert.params_io. An EoMT or WeakTr output holds that network's keyword arguments as its config
-and serves as train.init_checkpoint with train.init_into="" (the whole model).
+jaxseg.convert.params_io. An EoMT, WeakTr or Segmenter output holds that network's keyword arguments as
+its config and serves as train.init_checkpoint with train.init_into="" (the whole model).
 """
 import argparse
 import sys
@@ -38,13 +42,16 @@ import numpy as np
 
 from jaxseg import cli
 from jaxseg.convert import (
+    from_clip,
     from_dinov3,
     from_hf_eomt,
     from_official_eomt,
+    from_official_segmenter,
     from_official_weaktr,
     from_timm,
     load_state_dict,
 )
+from jaxseg.convert.clip import detect_layout as detect_clip
 from jaxseg.convert.dinov3 import detect_layout as detect_dinov3
 from jaxseg.convert.params_io import FORMATS, format_for, save_params
 from jaxseg.convert.timm import DEFAULT_IGNORE
@@ -63,12 +70,22 @@ def _size(text: str) -> tuple[int, int]:
     return values
 
 
-LAYOUTS = ("timm", "dinov3", "eomt", "weaktr")
+LAYOUTS = ("timm", "dinov3", "eomt", "weaktr", "segmenter", "clip")
+# The layouts whose output is a whole network, which orbax directories (read back as a ViT) cannot hold.
+NETWORK_LAYOUTS = ("eomt", "weaktr", "segmenter", "clip")
 
 
 def detect_layout(state_dict) -> str:
-    """"eomt" for an EoMT query embedding, "weaktr" when the head is WeakTr's 3x3 CAM convolution (a timm
-    classifier head is a Linear), "dinov3" for DINOv3's names, else "timm"."""
+    """"clip" for CLIP's names, "segmenter" for a Segmenter's `encoder.` and `decoder.` names, "eomt" for an
+    EoMT query embedding, "weaktr" when the head is WeakTr's 3x3 CAM convolution (a timm classifier head is a
+    Linear), "dinov3" for DINOv3's names, else "timm"."""
+    try:
+        detect_clip(state_dict)
+        return "clip"
+    except cli.UserError:
+        pass
+    if all(any(k.startswith(prefix) for k in state_dict) for prefix in ("encoder.", "decoder.")):
+        return "segmenter"
     if any(k.endswith(("q.weight", "query.weight")) and "encoder." not in k and "attention" not in k
            for k in state_dict):
         return "eomt"
@@ -114,6 +131,14 @@ def parser() -> cli.ArgumentParser:
     eomt.add_argument("--absolute", action="store_true",
                       help="the DINOv3 EoMT checkpoint holds full weights (saved with delta_weights False)")
     eomt.add_argument("--hf-config", help="config.json of a transformers EoMT checkpoint")
+    clip = parser.add_argument_group("CLIP checkpoints (--layout clip; --num-heads is the image tower's)")
+    clip.add_argument("--text-num-heads", type=int, help="the text tower's heads (default: width / 64, OpenAI's)")
+    clip.add_argument("--mlp-type", choices=("quick_gelu", "gelu"),
+                      help="MLP activation (default quick_gelu, OpenAI's; gelu for open_clip's non-quickgelu models)")
+    segmenter = parser.add_argument_group("Segmenter checkpoints (--layout segmenter)")
+    segmenter.add_argument("--decoder-heads", type=int,
+                           help="the mask transformer's heads (not stored; default: width / 64, as the official "
+                                "create_decoder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
 
@@ -128,7 +153,15 @@ def convert(args) -> int:
     if layout != "eomt" and (args.base or args.absolute or args.hf_config or args.num_query_blocks):
         raise cli.UserError(f"--base, --absolute, --hf-config and --num-query-blocks are for EoMT checkpoints; "
                             f"{args.input} is a {layout} checkpoint")
-    if layout in ("eomt", "weaktr") and (args.format or format_for(args.output)) != "msgpack":
+    if layout != "clip" and (args.text_num_heads or args.mlp_type):
+        raise cli.UserError(f"--text-num-heads and --mlp-type are for CLIP checkpoints; {args.input} is a {layout} "
+                            f"checkpoint")
+    if layout != "segmenter" and args.decoder_heads is not None:
+        raise cli.UserError(f"--decoder-heads is for Segmenter checkpoints; {args.input} is a {layout} checkpoint")
+    if layout in ("weaktr", "segmenter") and {"num_cls_tokens", "final_norm"} & set(overrides):
+        raise cli.UserError(f"--num-cls-tokens and --no-final-norm are for timm-layout ViTs: a {layout} checkpoint "
+                            f"fixes its class tokens and whether it has a final norm")
+    if layout in NETWORK_LAYOUTS and (args.format or format_for(args.output)) != "msgpack":
         raise cli.UserError(f"a {layout} output must be a .msgpack file: orbax directories are read back as "
                             f"plain ViT params")
     if layout == "eomt":
@@ -136,10 +169,12 @@ def convert(args) -> int:
     elif layout == "dinov3":
         config, params = from_dinov3(state_dict, **overrides)
     elif layout == "weaktr":
-        if {"num_cls_tokens", "final_norm"} & set(overrides):
-            raise cli.UserError("--num-cls-tokens and --no-final-norm are for timm-layout ViTs: a WeakTr "
-                                "checkpoint already has its C class tokens and no final norm")
         config, params = from_official_weaktr(state_dict, source_grid=args.source_grid, **overrides)
+    elif layout == "clip":
+        config, params = _convert_clip(args, state_dict, overrides)
+    elif layout == "segmenter":
+        config, params = from_official_segmenter(state_dict, decoder_heads=args.decoder_heads,
+                                                 source_grid=args.source_grid, **overrides)
     else:
         config, params = from_timm(state_dict, ignore=args.ignore, source_grid=args.source_grid, **overrides)
     path = save_params(args.output, config, params, args.format, overwrite=args.overwrite)
@@ -147,6 +182,15 @@ def convert(args) -> int:
     print(f"wrote {path} ({layout} layout, {count / 1e6:.2f}M parameters)")
     print("model config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     return 0
+
+
+def _convert_clip(args, state_dict, overrides):
+    unsupported = sorted(set(overrides) - {"num_heads"})
+    if unsupported:
+        raise cli.UserError(f"a CLIP checkpoint converts as it is (its position embedding is resampled at each "
+                            f"image size): {', '.join('--' + k.replace('_', '-') for k in unsupported)} do not apply")
+    options = dict(vision_num_heads=args.num_heads, text_num_heads=args.text_num_heads, mlp_type=args.mlp_type)
+    return from_clip(state_dict, **{k: v for k, v in options.items() if v is not None})
 
 
 def _convert_eomt(args, state_dict, overrides):

@@ -94,15 +94,22 @@ def _read(path: str, suffix: str) -> Mapping:
                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
-def shape_diff(expected: Mapping[str, tuple], actual: Mapping[str, tuple]) -> list[str]:
-    """Lines describing missing, unexpected and misshaped names (empty when they agree)."""
+def shape_diff(expected: Mapping[str, tuple], actual: Mapping[str, tuple],
+               sources: Mapping[str, str] | None = None) -> list[str]:
+    """Lines describing missing, unexpected and misshaped names (empty when they agree). `sources` maps a
+    renamed entry of `actual` to the checkpoint's own name, shown with it."""
+    sources = sources or {}
+
+    def source(name):
+        return f"   (checkpoint: {sources[name]})" if sources.get(name, name) != name else ""
+
     lines = []
     for name in sorted(set(expected) - set(actual)):
         lines.append(f"  - missing     {name} {tuple(expected[name])}")
     for name in sorted(set(actual) - set(expected)):
-        lines.append(f"  + unexpected  {name} {tuple(actual[name])}")
+        lines.append(f"  + unexpected  {name} {tuple(actual[name])}{source(name)}")
     for name in sorted(set(expected) & set(actual)):
         if tuple(expected[name]) != tuple(actual[name]):
             lines.append(f"  ~ shape       {name}: got {tuple(actual[name])}, "
-                         f"expected {tuple(expected[name])}")
+                         f"expected {tuple(expected[name])}{source(name)}")
     return lines

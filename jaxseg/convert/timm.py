@@ -200,11 +200,13 @@ def to_timm(params: Mapping, config: Mapping[str, Any]) -> dict[str, jax.Array]:
     return flat
 
 
-def _norm(sd, prefix):
+def layer_norm_from_torch(sd, prefix):
+    """Flax LayerNorm params of torch's `<prefix>.{weight,bias}`."""
     return {"scale": sd[f"{prefix}.weight"], "bias": sd[f"{prefix}.bias"]}
 
 
-def _linear(sd, prefix):
+def linear_from_torch(sd, prefix):
+    """Flax Dense params of torch's Linear `<prefix>.{weight (out, in),bias}`."""
     return {"kernel": sd[f"{prefix}.weight"].T, "bias": sd[f"{prefix}.bias"]}
 
 
@@ -227,10 +229,10 @@ def block_from_timm(sd: Mapping[str, np.ndarray], prefix: str, num_heads: int, *
         gate_bias, up_bias = np.split(sd[prefix + "mlp.fc1.bias"], 2)
         mlp = {"fc1_gate": {"kernel": gate.T, "bias": gate_bias}, "fc1_up": {"kernel": up.T, "bias": up_bias}}
     else:
-        mlp = {"fc1": _linear(sd, prefix + "mlp.fc1")}
-    mlp["fc2"] = _linear(sd, prefix + "mlp.fc2")
-    block = {"norm1": _norm(sd, prefix + "norm1"), "norm2": _norm(sd, prefix + "norm2"), "attn": attn,
-             "mlp": mlp}
+        mlp = {"fc1": linear_from_torch(sd, prefix + "mlp.fc1")}
+    mlp["fc2"] = linear_from_torch(sd, prefix + "mlp.fc2")
+    block = {"norm1": layer_norm_from_torch(sd, prefix + "norm1"), "norm2": layer_norm_from_torch(sd, prefix + "norm2"),
+             "attn": attn, "mlp": mlp}
     if layerscale:
         block["ls1"] = {"gamma": sd[prefix + "ls1.gamma"]}
         block["ls2"] = {"gamma": sd[prefix + "ls2.gamma"]}
@@ -246,7 +248,7 @@ def _from_timm_tensors(sd: Mapping[str, np.ndarray], config: Mapping[str, Any]) 
         if name in sd:
             params[name] = sd[name]
     if config["final_norm"]:
-        params["norm"] = _norm(sd, "norm")
+        params["norm"] = layer_norm_from_torch(sd, "norm")
     for i in range(config["depth"]):
         params[f"blocks_{i}"] = block_from_timm(sd, f"blocks.{i}.", config["num_heads"],
                                                 mlp_type=config["mlp_type"],

@@ -9,6 +9,9 @@ logits are upsampled bilinearly to the (padded) input size. WeakTr reads the dec
 last blocks (its `MultiMaskTransformer`); `__call__` returns the logits after every decoder block and
 `combine_readouts` forms WeakTr's inference score 0.8 * P(block 1) + P(block 2).
 Inputs whose size is not a multiple of the patch size are zero-padded bottom/right and the logits cropped.
+The linear decoder is Segmenter's `DecoderLinear`: one Linear from each patch token to N logits.
+`decode` runs the decoder alone on given encoder tokens (the official decoders' `forward(x, im_size)`).
+Official checkpoints (rstrudel/segmenter, WeakTr stage 2) convert with `jaxseg.convert.from_official_segmenter`.
 """
 from __future__ import annotations
 
@@ -80,6 +83,25 @@ class Segmenter(nn.Module):
         masks = self.mask_norm(jnp.einsum("bpc,bnc->bpn", patches, classes))
         return masks.reshape(masks.shape[0], *grid, self.num_classes)
 
+    def decode(self, tokens: Array, grid: tuple[int, int], *, train: bool = False) -> Array:
+        """The decoder alone: patch tokens (B, rows * cols, D) of the encoder (after its final norm,
+        prefix tokens dropped, row-major over `grid` = (rows, cols)) -> logits at patch resolution
+        (R, B, rows, cols, N), R read-outs as in `__call__`. Use it through
+        `model.apply(variables, tokens, grid, method=Segmenter.decode)`; `grid` is static under jit."""
+        rows, cols = grid
+        if tokens.ndim != 3 or tokens.shape[1:] != (rows * cols, self.vit.width):
+            raise UserError(f"tokens must be (batch, {rows} x {cols} patches, width {self.vit.width}) for grid "
+                            f"{tuple(grid)}, got {tokens.shape}")
+        if self.decoder == "linear":
+            return self.head(tokens).reshape(1, tokens.shape[0], rows, cols, self.num_classes)
+        x = self.proj_dec(tokens)
+        x = jnp.concatenate([x, jnp.broadcast_to(self.cls_emb, (x.shape[0],) + self.cls_emb.shape[1:])], 1)
+        readouts = []
+        for block in self.blocks:
+            x, _ = block(x, None, not train, False)
+            readouts.append(self._masks(x, (rows, cols)))
+        return jnp.stack(readouts)
+
     def __call__(self, images: Array, *, train: bool = False) -> Array:
         """images (B, H, W, C) -> logits (R, B, H, W, N): one read-out after each decoder block (R = depth)
         for the mask transformer, R = 1 for the linear decoder."""
@@ -90,18 +112,8 @@ class Segmenter(nn.Module):
         padded = jnp.pad(images, ((0, 0), (0, -height % patch), (0, -width % patch), (0, 0)))
         grid = self.vit.check_images(padded)
         tokens, _ = self.vit(padded, train=train)
-        tokens = tokens[:, self.vit.num_prefix_tokens:]
-        if self.decoder == "linear":
-            readouts = [self.head(tokens).reshape(tokens.shape[0], *grid, self.num_classes)]
-        else:
-            x = self.proj_dec(tokens)
-            x = jnp.concatenate([x, jnp.broadcast_to(self.cls_emb, (x.shape[0],) + self.cls_emb.shape[1:])], 1)
-            readouts = []
-            for block in self.blocks:
-                x, _ = block(x, None, not train, False)
-                readouts.append(self._masks(x, grid))
-        logits = [resize(r, padded.shape[1:3], method="bilinear")[:, :height, :width] for r in readouts]
-        return jnp.stack(logits)
+        readouts = self.decode(tokens[:, self.vit.num_prefix_tokens:], grid, train=train)
+        return jnp.stack([resize(r, padded.shape[1:3], method="bilinear")[:, :height, :width] for r in readouts])
 
 
 def combine_readouts(logits: Array, weights: Sequence[float] = (0.8, 1.0)) -> Array:

@@ -199,7 +199,8 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> exact-erf GELU -> fc2, or SwiGLU (silu(fc1_gate) * fc1_up -> fc2) as in timm's
-    `SwiGLUPacked` used by DINOv2 ViT-g."""
+    `SwiGLUPacked` used by DINOv2 ViT-g, or OpenAI CLIP's QuickGELU x * sigmoid(1.702 x) between fc1 and
+    fc2."""
     hidden_dim: int
     mlp_type: str = "gelu"
     dropout_rate: float = 0.0
@@ -215,12 +216,15 @@ class Mlp(nn.Module):
         hidden_axes = ("act_batch", "act_len", "act_mlp")
         if self.mlp_type == "gelu":
             h = nn.gelu(self._dense(self.hidden_dim, ("embed", "mlp"), "fc1")(x), approximate=False)
+        elif self.mlp_type == "quick_gelu":
+            h = self._dense(self.hidden_dim, ("embed", "mlp"), "fc1")(x)
+            h = h * nn.sigmoid(1.702 * h)
         elif self.mlp_type == "swiglu":
             gate = self._dense(self.hidden_dim, ("embed", "mlp"), "fc1_gate")(x)
             up = self._dense(self.hidden_dim, ("embed", "mlp"), "fc1_up")(x)
             h = nn.silu(gate) * up
         else:
-            raise UserError(f"mlp_type must be 'gelu' or 'swiglu', got {self.mlp_type!r}")
+            raise UserError(f"mlp_type must be 'gelu', 'quick_gelu' or 'swiglu', got {self.mlp_type!r}")
         h = nn.with_logical_constraint(h, hidden_axes)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         y = self._dense(x.shape[-1], ("mlp", "embed"), "fc2")(h)
@@ -289,8 +293,9 @@ class ViT(nn.Module):
       width, depth, num_heads, mlp_dim: the size (see `SIZES`).
       patch_size: side of the square patches (the conv stem's kernel and stride).
       posemb_grid: (rows, cols) of the stored position embedding; other input grids resample it at call
-        time, as `posemb_resize` says: "timm" (bicubic + antialias, `resample_abs_pos_embed`) or "dino"
-        (DINO's `interpolate_pos_encoding`, used by MCTformer / WeakTr); see `resample_posemb`.
+        time, as `posemb_resize` says: "timm" (bicubic + antialias, `resample_abs_pos_embed`), "dino"
+        (DINO's `interpolate_pos_encoding`, used by MCTformer / WeakTr) or "bilinear" (Segmenter's
+        `resize_pos_embed`); see `resample_posemb`.
       num_cls_tokens: class tokens (0, 1, or one per class for WeakTr).
       num_registers: register tokens (DINOv2 with registers: 4).
       posemb_covers_prefix: True if the position embedding has entries for the class/register tokens
@@ -302,9 +307,11 @@ class ViT(nn.Module):
         shift, per-axis and joint log-uniform scales), drawn once per forward pass from the "dropout" rng;
         None switches each off.
       layerscale_init: LayerScale initial value, or None for no LayerScale.
-      mlp_type: "gelu" (exact erf) or "swiglu".
+      mlp_type: "gelu" (exact erf), "quick_gelu" (OpenAI CLIP) or "swiglu".
       qkv_bias / key_bias: biases of the query, key and value projections; DINOv3 keeps its key bias at
         0 (key_bias=False).
+      pre_norm: a LayerNorm `norm_pre` on the embedded tokens, before the first block (CLIP's `ln_pre`);
+        as in timm, such a ViT's patch embedding has no bias.
       final_norm: apply the final LayerNorm `norm` to the encoded tokens.
       dtype / param_dtype: compute and parameter dtypes (e.g. bfloat16 compute with float32 params).
       remat: rematerialise each block in the backward pass (saves activation memory).
@@ -330,6 +337,7 @@ class ViT(nn.Module):
     qkv_bias: bool = True
     key_bias: bool = True
     layernorm_eps: float = 1e-6
+    pre_norm: bool = False
     final_norm: bool = True
     drop_path_rate: float = setting(0.0, "in [0, 1]")
     dropout_rate: float = setting(0.0, "in [0, 1]")
@@ -355,7 +363,7 @@ class ViT(nn.Module):
         embed_axes = (None, None, "embed")
         self.patch_embed = nn.Conv(
             self.width, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
-            padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+            padding="VALID", use_bias=not self.pre_norm, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                      (None, None, None, "embed")),
             bias_init=_zeros(("embed",)))
@@ -379,6 +387,8 @@ class ViT(nn.Module):
                       self.layerscale_init, self.layernorm_eps, float(rate), self.dropout_rate,
                       self.attention_dropout_rate, self.dtype, self.param_dtype)
             for rate in drop_path_rates]
+        if self.pre_norm:
+            self.norm_pre = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm_pre")
         if self.final_norm:
             self.norm = _layer_norm(self.layernorm_eps, self.dtype, self.param_dtype, "norm")
         self.pos_drop = nn.Dropout(self.dropout_rate)
@@ -396,10 +406,11 @@ class ViT(nn.Module):
                             f"{self.patch_size}; resize or pad the input")
         return height // self.patch_size, width // self.patch_size
 
-    def position_embedding(self, grid: tuple[int, int]) -> Array:
-        """The position embedding for a patch grid: (1, num_posemb_prefix + rows*cols, D)."""
+    def position_embedding(self, grid: tuple[int, int], square_input: bool = True) -> Array:
+        """The position embedding for a patch grid: (1, num_posemb_prefix + rows*cols, D); `square_input`:
+        see `resample_posemb`."""
         return resample_posemb(self.pos_embed, self.posemb_grid, grid, self.num_posemb_prefix,
-                               self.posemb_resize)
+                               self.posemb_resize, square_input)
 
     def rope_tables(self, grid: tuple[int, int], *, train: bool = False) -> tuple[Array, Array] | None:
         """RoPE (cos, sin), each (rows*cols, head_dim) float32, for a patch grid; None without RoPE. Pass
@@ -412,10 +423,13 @@ class ViT(nn.Module):
                                          jitter=self.rope_jitter, rescale=self.rope_rescale)
         return rope_tables(coords, self.width // self.num_heads, self.rope_base)
 
-    def embed(self, images: Array, *, train: bool = False) -> Array:
-        """Patch embedding + class/register tokens + position embedding: (B, prefix + patches, D),
-        token order [cls..., registers..., patches (row-major)]."""
+    def embed(self, images: Array, *, train: bool = False, input_size: tuple[int, int] | None = None) -> Array:
+        """Patch embedding + class/register tokens + position embedding (then `norm_pre` with
+        `pre_norm`): (B, prefix + patches, D), token order [cls..., registers..., patches (row-major)].
+        `input_size`: (height, width) of the images before they were cut to whole patches, if they were
+        (the "dino" position embedding depends on it)."""
         grid = self.check_images(images)
+        height, width = input_size or images.shape[1:3]
         x = self.patch_embed(images.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, self.width)
         prefix = [jnp.broadcast_to(t, (x.shape[0],) + t.shape[1:]).astype(self.dtype)
@@ -424,11 +438,13 @@ class ViT(nn.Module):
         if self.rope_base is not None:
             x = jnp.concatenate(prefix + [x], axis=1)
         elif self.posemb_covers_prefix:
-            x = jnp.concatenate(prefix + [x], axis=1) + self.position_embedding(grid).astype(self.dtype)
+            x = jnp.concatenate(prefix + [x], axis=1) + self.position_embedding(grid, height == width).astype(x.dtype)
         else:
-            x = jnp.concatenate(prefix + [x + self.position_embedding(grid).astype(self.dtype)], axis=1)
+            x = jnp.concatenate(prefix + [x + self.position_embedding(grid, height == width).astype(x.dtype)], axis=1)
         x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
-        return self.pos_drop(x, deterministic=not train)
+        x = self.pos_drop(x, deterministic=not train)
+        # After the position dropout, as timm orders them.
+        return self.norm_pre(x) if self.pre_norm else x
 
     def __call__(self, images: Array, *, train: bool = False,
                  extra_tokens: Mapping[int, Array] | None = None,

@@ -11,6 +11,10 @@ resampling, no final norm) gives three predictions per image:
 AAF sees stop-gradient copies of the maps and of every layer's attention output, so the fine-CAM loss
 trains only the AAF. MCTformer mode ("mctformer") replaces AAF by the head mean summed over the last n
 layers (CA) and over all layers (PA), and has no fine prediction.
+CAM inference reads one of three maps (`select_cam`, the original's `attention_type`): the fused CAM M,
+the conv head's ReLU(Z) or the cross attention CA alone. Inputs may have any size of at least one patch:
+as the original's stride-p patch embedding, the model drops the pixels beyond whole patches, and the
+DINO-style position embedding sees the uncropped size (it resamples for any non-square input).
 
 Memory: keeping K x H maps of (C + P)^2 entries per image is the cost of a naive port. Here each layer's
 attention output is pooled as soon as it exists, and the weighted sum of the maps is a scan over the
@@ -29,6 +33,8 @@ from jaxseg.models.vit import ViT
 
 Array = jax.Array
 FUSIONS = ("aaf", "mctformer")
+# The original's `attention_type` values of CAM inference (`select_cam`).
+CAM_KINDS = ("fused", "patchcam", "cross")
 
 
 class AdaptiveAttentionFusion(nn.Module):
@@ -80,6 +86,17 @@ def _fused_attention(vit: ViT, inputs: list[Array], weights: Array) -> Array:
     return fused
 
 
+def select_cam(outputs: dict[str, Array], kind: str) -> Array:
+    """The CAM of `kind` (B, C, h, w) from WeakTr's outputs, as the original's `attention_type`: "fused"
+    (M = CA * ReLU(Z)), "patchcam" (ReLU(Z), the conv head's) or "cross" (CA, the class-to-patch attention
+    alone: AAF-fused over every layer and head, or MCTformer's head mean over the last layers)."""
+    if kind not in CAM_KINDS:
+        raise UserError(f"the CAM kind must be one of {CAM_KINDS}, got {kind!r}")
+    if kind == "patchcam":
+        return nn.relu(outputs["coarse_cam"])
+    return outputs["fused_cam" if kind == "fused" else "cross_attention"]
+
+
 class WeakTr(nn.Module):
     """WeakTr / MCTformer CAM network.
 
@@ -121,12 +138,19 @@ class WeakTr(nn.Module):
             self.aaf = AdaptiveAttentionFusion(self.feat_reduction, self.reduction)
 
     def __call__(self, images: Array, *, train: bool = False) -> dict[str, Array]:
-        """images (B, H, W, 3) -> {"cls_logits", "coarse_logits", ["fine_logits"]: (B, C);
-        "coarse_cam": Z (B, C, h, w); "fused_cam": M = CA * ReLU(Z) (B, C, h, w);
-        "patch_attention": PA (B, P, P)}."""
-        vit, num_classes = self.vit, self.num_classes
+        """images (B, H, W, 3) of any size of at least one patch, the pixels beyond whole patches dropped
+        (h = H // patch, w = W // patch) -> {"cls_logits", "coarse_logits", ["fine_logits"]: (B, C);
+        "coarse_cam": Z (B, C, h, w); "cross_attention": CA (B, C, h, w); "fused_cam": M = CA * ReLU(Z)
+        (B, C, h, w); "patch_attention": PA (B, P, P)}."""
+        vit, num_classes, patch = self.vit, self.num_classes, self.vit.patch_size
+        input_size = images.shape[1:3]
+        if images.ndim == 4:  # the original's stride-p patch embedding drops the bottom and right remainder
+            images = images[:, :input_size[0] // patch * patch, :input_size[1] // patch * patch]
         grid = vit.check_images(images)
-        x = vit.embed(images, train=train)
+        if 0 in grid:
+            raise UserError(f"WeakTr's input of {input_size[0]}x{input_size[1]} pixels is smaller than one "
+                            f"{patch} px patch")
+        x = vit.embed(images, train=train, input_size=input_size)
         batch, heads, depth = x.shape[0], vit.num_heads, vit.depth
         inputs, pooled = [], []
         for block in vit.blocks:
@@ -158,7 +182,7 @@ class WeakTr(nn.Module):
         cross_attention = cross[:, :num_classes, num_classes:].reshape(batch, num_classes, *grid)
         fused_cam = cross_attention * nn.relu(jax.lax.stop_gradient(coarse_cam))
         patch_attention = patch[:, num_classes:, num_classes:]
-        outputs.update(fused_cam=fused_cam, patch_attention=patch_attention)
+        outputs.update(cross_attention=cross_attention, fused_cam=fused_cam, patch_attention=patch_attention)
         if self.fusion == "aaf":
             fine = jnp.einsum("bij,bcj->bci", patch_attention, fused_cam.reshape(batch, num_classes, -1))
             outputs["fine_logits"] = fine.mean(-1)

@@ -10,17 +10,21 @@ import numpy as np
 from jaxseg.errors import UserError
 from jaxseg.ops.resize import interpolation_matrix, resize
 
-POSEMB_RESIZE_MODES = ("timm", "dino")
+POSEMB_RESIZE_MODES = ("timm", "dino", "bilinear")
 
 
 def resample_posemb(posemb: jax.Array, old_grid: Sequence[int], new_grid: Sequence[int],
-                    num_prefix_tokens: int = 0, mode: str = "timm") -> jax.Array:
+                    num_prefix_tokens: int = 0, mode: str = "timm", square_input: bool = True) -> jax.Array:
     """Resamples a (1, prefix + rows*cols, D) position embedding to another patch grid, in float32; the
     prefix (class/register) entries are kept.
 
     mode "timm": timm's `resample_abs_pos_embed`, bicubic with antialiasing.
     mode "dino": DINO's / DeiT-derived `interpolate_pos_encoding` (MCTformer, WeakTr): plain bicubic with
-      scale factors (new + 0.1) / old, which shift the sampling positions slightly.
+      scale factors (new + 0.1) / old, which shift the sampling positions slightly. It keeps a square
+      stored table only when the input image is square too (`square_input`, in pixels before the patch
+      embedding drops the remainder): a non-square image of the stored grid is resampled all the same.
+    mode "bilinear": Segmenter's `resize_pos_embed` (rstrudel/segmenter, WeakTr stage 2): plain bilinear,
+      no antialiasing.
     """
     if mode not in POSEMB_RESIZE_MODES:
         raise UserError(f"posemb resize mode must be one of {POSEMB_RESIZE_MODES}, got {mode!r}")
@@ -29,13 +33,17 @@ def resample_posemb(posemb: jax.Array, old_grid: Sequence[int], new_grid: Sequen
     if posemb.ndim != 3 or posemb.shape[:2] != (1, expected):
         raise UserError(f"position embedding of shape {posemb.shape} does not hold {num_prefix_tokens} "
                         f"prefix entries + a {old_grid[0]}x{old_grid[1]} grid")
-    if old_grid == new_grid:
+    # DINO's code knows square tables only; for those it also resamples the same grid of a non-square input.
+    dino_resamples_same = mode == "dino" and old_grid[0] == old_grid[1] and not square_input
+    if old_grid == new_grid and not dino_resamples_same:
         return posemb
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     width = posemb.shape[-1]
     grid = grid.reshape(1, *old_grid, width).astype(jnp.float32)
     if mode == "timm":
         grid = resize(grid, new_grid, method="bicubic", antialias=True)
+    elif mode == "bilinear":
+        grid = resize(grid, new_grid, method="bilinear")
     else:
         grid = resize(grid, new_grid, method="bicubic",
                       scale_factors=[(n + 0.1) / o for n, o in zip(new_grid, old_grid)])

@@ -6,6 +6,9 @@ differently. Checkpoints trained in PyTorch (timm position embeddings, FlexiViT 
 logits) need PyTorch's exact numbers, so each resize here is a pair of (out, in) interpolation
 matrices built in float64 numpy from static shapes and applied with two tensor contractions: exact,
 jit-friendly, and differentiable with respect to the input.
+
+`pil_resize` is Pillow's own bicubic resize of 8-bit images (WeakTr rescales its CAM inputs with it),
+exact: Pillow's weights rounded to its fixed point and applied in integer arithmetic.
 """
 from __future__ import annotations
 
@@ -51,26 +54,47 @@ def _plain_matrix(in_size: int, out_size: int, method: str, scale: float | None 
     return mat
 
 
-def _antialiased_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
-    """PyTorch's `_upsample_{bilinear,bicubic}2d_aa` (PIL-style): the kernel is stretched by the
-    downscale factor, taps outside the image are dropped and the remaining weights renormalised.
-    The antialiased cubic uses a=-0.5 (PIL's), unlike the plain path."""
+def _pil_filter(x: float, method: str) -> float:
+    """Pillow's bilinear and bicubic (a = -0.5) filters, in its order of operations."""
+    x = abs(x)
+    if method == "bilinear":
+        return 1.0 - x if x < 1.0 else 0.0
+    if x < 1.0:
+        return (1.5 * x - 2.5) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * -0.5
+    return 0.0
+
+
+def _pil_weights(in_size: int, out_size: int, method: str) -> list[tuple[int, list[float]]]:
+    """Pillow's `precompute_coeffs` over the whole input: per output index, the first input index and the
+    normalised weights of the taps from there. The kernel is stretched by the downscale factor, taps
+    outside the image are dropped and the rest renormalised. Computed in Pillow's order of operations
+    (plain Python floats are its doubles): its 8-bit resampler rounds these weights to fixed point, where
+    even the last bit of a double can show."""
     scale = in_size / out_size
-    radius = 1.0 if method == "bilinear" else 2.0
-    support = radius * max(scale, 1.0)
-    invscale = 1.0 / scale if scale >= 1.0 else 1.0
-    mat = np.zeros((out_size, in_size))
+    filterscale = max(scale, 1.0)
+    support = (1.0 if method == "bilinear" else 2.0) * filterscale
+    inverse = 1.0 / filterscale
+    rows = []
     for i in range(out_size):
-        center = scale * (i + 0.5)
+        center = (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
-        x = (np.arange(lo, hi) - center + 0.5) * invscale
-        if method == "bilinear":
-            w = np.maximum(0.0, 1.0 - np.abs(x))
-        else:
-            w = _cubic(x, a=-0.5)
-        total = w.sum()
-        mat[i, lo:hi] = w / total if total != 0 else w
+        weights = [_pil_filter((x - center + 0.5) * inverse, method) for x in range(lo, hi)]
+        total = 0.0
+        for w in weights:  # sequentially, as Pillow sums them
+            total += w
+        rows.append((lo, [w / total for w in weights] if total != 0.0 else weights))
+    return rows
+
+
+def _antialiased_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
+    """PyTorch's `_upsample_{bilinear,bicubic}2d_aa`, a port of Pillow's resampling (`_pil_weights`): the
+    antialiased cubic uses a=-0.5 (PIL's), unlike the plain path."""
+    mat = np.zeros((out_size, in_size))
+    for i, (lo, weights) in enumerate(_pil_weights(in_size, out_size, method)):
+        mat[i, lo:lo + len(weights)] = weights
     return mat
 
 
@@ -134,3 +158,60 @@ def padded_matrix(in_size: int, out_size: int, in_canvas: int, out_canvas: int, 
     block = interpolation_matrix(in_size, out_size, method, antialias)
     matrix[:out_size, :in_size] = block[::-1] if flip else block
     return matrix
+
+
+# Pillow resamples 8-bit images in fixed point: weights times 2**22 (8 bits of result and 2 of headroom for
+# the negative lobes in a 32-bit accumulator), rounded half away from zero.
+PIL_PRECISION_BITS = 22
+
+
+@functools.lru_cache(maxsize=256)
+def _pil_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input indices, int32 fixed-point weights), both (out_size, taps), of Pillow's 8-bit bicubic
+    resampling along one axis; unused taps read the last pixel with weight 0."""
+    rows = _pil_weights(in_size, out_size, "bicubic")
+    taps = max(len(weights) for _, weights in rows)
+    index = np.full((out_size, taps), in_size - 1, np.int32)
+    fixed = np.zeros((out_size, taps), np.int32)
+    for i, (lo, weights) in enumerate(rows):
+        index[i, :len(weights)] = np.arange(lo, lo + len(weights))
+        fixed[i, :len(weights)] = [int(w * (1 << PIL_PRECISION_BITS) + (0.5 if w >= 0 else -0.5)) for w in weights]
+    index.flags.writeable = fixed.flags.writeable = False
+    return index, fixed
+
+
+def pil_resize(images: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Pillow's `Image.resize((w, h), Image.BICUBIC)` of 8-bit images, bit for bit: uint8 (..., H, W, C)
+    -> uint8 (..., h, w, C) for `size` = (h, w). As Pillow, two passes, the first one's result rounded to
+    8 bits; each output pixel is the fixed-point weighted sum of its taps plus half a unit, shifted down
+    and clipped to [0, 255]. Integer arithmetic throughout, so it is exact on every backend and inside jit.
+
+    The pass order is Pillow 13's (the pinned version): vertical first when the height shrinks by more
+    than twice as many pixels as the width, else horizontal first. Pillow 12 and older always ran the
+    horizontal pass first, so on such (tall, shrunk) images they round the intermediate differently."""
+    images = jnp.asarray(images)
+    if images.dtype != jnp.uint8 or images.ndim < 3:
+        raise UserError(f"pil_resize takes uint8 images (..., height, width, channels), got {images.dtype} "
+                        f"of shape {images.shape}")
+    if len(size) != 2 or min(size) < 1:
+        raise UserError(f"pil_resize size must be (height, width), both >= 1, got {tuple(size)}")
+    return _pil_resize(images, tuple(int(s) for s in size))
+
+
+# One program per shape when called outside jit, where its many small integer ops would each compile.
+@functools.partial(jax.jit, static_argnames="size")
+def _pil_resize(images: jax.Array, size: tuple[int, int]) -> jax.Array:
+    x = images.astype(jnp.int32)
+    height, width = x.shape[-3:-1]
+    passes = [(-2, int(size[1])), (-3, int(size[0]))]
+    if 0 < height - size[0] and height - size[0] > 2 * (width - size[1]):
+        passes.reverse()
+    for axis, out_size in passes:
+        in_size = x.shape[axis]
+        if in_size == out_size:
+            continue  # Pillow skips the pass: its weights would be the identity
+        index, fixed = _pil_taps(in_size, out_size)
+        rows = jnp.take(jnp.moveaxis(x, axis, -1), index, axis=-1)  # (..., out, taps)
+        total = (rows * fixed).sum(-1) + (1 << (PIL_PRECISION_BITS - 1))
+        x = jnp.moveaxis(jnp.clip(total >> PIL_PRECISION_BITS, 0, 255), -1, axis)
+    return x.astype(jnp.uint8)

@@ -1,16 +1,26 @@
 """CAM inference and pseudo-labels for weakly supervised segmentation (WeakTr / MCTformer stage 1).
 
-Per image (`engine.py` generate_attention_maps_ms, `evaluation.py` of the originals):
-  1. passes at several scales (the image resized with bicubic, then cropped to a multiple of the patch
-     size as the patch embedding floors it), each also horizontally flipped;
-  2. per pass the fused CAM M is refined by the patch affinity, R = PA . M (unless the CAM function gives
-     no PA: a model whose attention is too diffuse for refinement), upsampled bilinearly to the
-     original size, multiplied by the image labels (absent classes become 0) and un-flipped;
-  3. the passes are summed and each present class min-max normalised to [0, 1];
+Per image, as the official engine (hustvl/WeakTr `datasets.py` VOC12DatasetMS / COCOClsDatasetMS and
+`engine.py` generate_attention_maps_ms; MCTformer's are the same):
+  1. views: for each scale s, the uint8 image resized to (round(s * H), round(s * W)) (Python's round)
+     by Pillow's bicubic, bit for bit (`jaxseg.ops.resize.pil_resize`; the image itself at its own size),
+     then divided by 255 and ImageNet-normalised in float32 (ToTensor, Normalize); each view is also
+     flipped horizontally as a whole, and only then does the CAM function drop the pixels beyond whole
+     patches (as the original's stride-p patch embedding), so a flipped view of a width that is not a
+     multiple of the patch covers other columns than its plain view;
+  2. per view, the CAM function's map (WeakTr's fused CAM M or another kind,
+     `jaxseg.models.weaktr.select_cam`) is refined by the patch attention, R = PA . M (unless the CAM
+     function gives no PA: a model whose attention is too diffuse for refinement), upsampled bilinearly
+     (half-pixel centres, no antialiasing) from the patch grid to the image size, multiplied by the image
+     labels (absent classes become 0) and, for a flipped view, flipped back;
+  3. the views are summed and each present class min-max normalised, (x - min) / (max - min + 1e-8);
   4. pseudo-label: argmax over [background plane at threshold t, present-class maps]; background is 0 and
      class c becomes c + 1. Every pixel gets a label (no ignore).
-Image sizes vary, so this runs per image on the host around a jitted model call (one compilation per
-distinct input size).
+Where this differs from the official engine: it runs under fp16 autocast (here the model's dtype, float32
+by default); it upsamples to the size of the first scale's view, which its scripts always make 1.0 (here
+always the image's size, for any order of scales); it saves the present classes only (here absent ones
+are 0). Everything has static shapes for a given image size, so the predictor runs it inside jit, one
+compilation per distinct image size.
 """
 from __future__ import annotations
 
@@ -22,10 +32,11 @@ import numpy as np
 
 from jaxseg.errors import UserError
 from jaxseg.ops.image import normalize
-from jaxseg.ops.resize import resize
+from jaxseg.ops.resize import pil_resize, resize
 
 Array = jax.Array
-# (1, H, W, 3) image -> (fused CAM (1, C, h, w), patch attention (1, h*w, h*w) or None: no refinement).
+# (1, h, w, 3) normalised view of any size -> (CAM (1, C, h // patch, w // patch) on the view's whole
+# patches, patch attention (1, P, P) or None: no refinement).
 CamFn = Callable[[Array], tuple[Array, Array | None]]
 
 
@@ -51,24 +62,31 @@ def refine(fused_cam: Array, patch_attention: Array) -> Array:
     return jnp.einsum("bij,bcj->bci", patch_attention, flat).reshape(fused_cam.shape)
 
 
+def view_sizes(size: Sequence[int], scales: Sequence[float], patch_size: int) -> list[tuple[int, int]]:
+    """(height, width) of the view of an image of `size` at each scale, as the official dataset rounds
+    them; a view smaller than one patch is refused."""
+    height, width = size
+    views = [(round(scale * height), round(scale * width)) for scale in scales]
+    for scale, view in zip(scales, views):
+        if min(view) < patch_size:
+            raise UserError(f"scale {scale} makes the {height}x{width} image {view[0]}x{view[1]}, smaller than one "
+                            f"{patch_size} px patch: CAM scales must keep every image at least one patch large")
+    return views
+
+
 def multiscale_cams(cam_fn: CamFn, image: Array, labels: Array, patch_size: int,
                     scales: Sequence[float] = (1.0, 1.2)) -> Array:
-    """Summed refined CAMs (C, H, W) of one (H, W, 3) image over scales x {plain, flipped}; `labels` (C,)
-    multi-hot zeroes the absent classes."""
+    """Summed refined CAMs (C, H, W) of one uint8 (H, W, 3) image over scales x {plain, flipped} (steps 1-2
+    of the module docstring); `labels` (C,) multi-hot zeroes the absent classes."""
     height, width = image.shape[:2]
     labels = jnp.asarray(labels, jnp.float32)
     total = None
-    for scale in scales:
-        size = (round(scale * height), round(scale * width))
-        scaled = resize(jnp.asarray(image, jnp.float32), size, method="bicubic", antialias=True, axes=(0, 1))
-        rows, cols = size[0] // patch_size * patch_size, size[1] // patch_size * patch_size
-        if rows == 0 or cols == 0:
-            raise UserError(f"scale {scale} makes the {height}x{width} image smaller than one patch")
-        scaled = scaled[:rows, :cols]
+    for size in view_sizes((height, width), scales, patch_size):
+        scaled = normalize(pil_resize(image, size).astype(jnp.float32) / 255)
         for flip in (False, True):
             view = scaled[:, ::-1] if flip else scaled
-            fused, patch_attention = cam_fn(view[None])
-            cam = (fused if patch_attention is None else refine(fused, patch_attention))[0]
+            cam, patch_attention = cam_fn(view[None])
+            cam = (cam if patch_attention is None else refine(cam, patch_attention))[0]
             cam = resize(cam, (height, width), method="bilinear", axes=(1, 2)) * labels[:, None, None]
             cam = cam[:, :, ::-1] if flip else cam
             total = cam if total is None else total + cam
@@ -83,11 +101,10 @@ def normalize_cams(cams: Array, labels: Array) -> Array:
     return jnp.where(jnp.asarray(labels, bool)[:, None, None], normalized, 0.0)
 
 
-def image_cams(cam_fn: CamFn, image: np.ndarray, labels: Array, patch_size: int,
+def image_cams(cam_fn: CamFn, image: Array, labels: Array, patch_size: int,
                scales: Sequence[float] = (1.0, 1.2)) -> Array:
-    """Steps 1-3 for one uint8 (H, W, 3) image: (C, H, W) CAMs, ImageNet-normalised input, absent
-    classes 0, present ones min-max normalised."""
-    image = normalize(jnp.asarray(image, jnp.float32) / 255)
+    """Steps 1-3 for one uint8 (H, W, 3) image: (C, H, W) CAMs, absent classes 0, present ones min-max
+    normalised."""
     return normalize_cams(multiscale_cams(cam_fn, image, labels, patch_size, scales), labels)
 
 

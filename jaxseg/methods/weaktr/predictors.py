@@ -1,7 +1,8 @@
-"""WeakTr's CAM predictor: multi-scale + flip CAMs of each image at its own size (`jaxseg.wsss.cam`), refined
-by the patch attention or not, min-max normalised per present class, and the pseudo-label map at a
-background threshold. The model's input follows the image size, so images are batched with others of
-their shape (the evaluator's own-shape mode)."""
+"""WeakTr's CAM predictor: multi-scale + flip CAMs of each image at its own size, as the official engine
+(`jaxseg.wsss.cam`), of one of the three kinds of the original's `attention_type`
+(`jaxseg.models.weaktr.select_cam`), refined by the patch attention or not, min-max normalised per present
+class, and the pseudo-label map at a background threshold. The model's input follows the image size, so
+images are batched with others of their shape (the evaluator's own-shape mode)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.errors import UserError
+from jaxseg.models.weaktr import CAM_KINDS, select_cam
 from jaxseg.ops.image import normalize
-from jaxseg.wsss.cam import image_cams, pseudo_label, wsss_semantic
+from jaxseg.wsss.cam import image_cams, pseudo_label, view_sizes, wsss_semantic
 
 # Background threshold of the pseudo-labels where a run has not measured a better one (WeakTr's for VOC).
 PSEUDO_LABEL_THRESHOLD = 0.43
@@ -21,21 +23,24 @@ LABEL_SOURCES = ("given", "predicted")
 
 
 class CamPredictor:
-    """`scales` of the passes, `refine` by the patch attention (R = PA . M), `threshold` of the label map,
-    `labels`: "given" (the example's image-level labels, cut to the C classes) or "predicted" (the classes
-    whose mean sigmoid of the class-token and coarse-CAM logits on the whole-patch crop of the image
-    exceeds 0.5)."""
+    """`scales` of the passes, `cam_kind` ("fused": WeakTr's fused CAM, "patchcam": the conv head's CAM,
+    "cross": the cross attention alone), `refine` by the patch attention (R = PA . M), `threshold` of the
+    label map, `labels`: "given" (the example's image-level labels, cut to the C classes) or "predicted"
+    (the classes whose mean sigmoid of the class-token and coarse-CAM logits on the image exceeds 0.5)."""
     fixed_shape = False
 
     def __init__(self, network, num_classes: int, label_space: str,
-                 scales: Sequence[float] = (1.0, 1.2), refine: bool = True,
+                 scales: Sequence[float] = (1.0, 1.2), cam_kind: str = "fused", refine: bool = True,
                  threshold: float = PSEUDO_LABEL_THRESHOLD, labels: str = "given"):
         if labels not in LABEL_SOURCES:
             raise UserError(f"the CAM predictor's labels must be one of {LABEL_SOURCES}, got {labels!r}")
+        if cam_kind not in CAM_KINDS:
+            raise UserError(f"the CAM predictor's cam_kind must be one of {CAM_KINDS}, got {cam_kind!r}")
         if not 0 <= threshold <= 1:
             raise UserError(f"the CAM predictor's threshold must lie in [0, 1], got {threshold}")
         self.network, self.num_classes, self.label_space = network, num_classes, label_space
-        self.scales, self.refine, self.threshold, self.labels = tuple(scales), refine, threshold, labels
+        self.scales, self.cam_kind, self.refine = tuple(scales), cam_kind, refine
+        self.threshold, self.labels = threshold, labels
         self.patch = network.encoder["patch_size"]
 
     def canvas(self, example: dict) -> tuple[int, int]:
@@ -43,9 +48,8 @@ class CamPredictor:
 
     def prepare(self, example: dict) -> dict[str, np.ndarray]:
         image = np.asarray(example["image"])
-        rows, cols = image.shape[0] // self.patch * self.patch, image.shape[1] // self.patch * self.patch
-        if rows == 0 or cols == 0:
-            raise UserError(f"the {image.shape[0]}x{image.shape[1]} image is smaller than one {self.patch} px patch")
+        # The "predicted" labels read the image at its own size too.
+        view_sizes(image.shape[:2], self.scales + ((1.0,) if self.labels == "predicted" else ()), self.patch)
         if self.labels == "predicted":
             return {"image": image}
         if "labels" not in example:
@@ -58,9 +62,7 @@ class CamPredictor:
                 "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
 
     def _predicted_labels(self, params: Any, image: jax.Array) -> jax.Array:
-        rows, cols = image.shape[0] // self.patch * self.patch, image.shape[1] // self.patch * self.patch
-        view = normalize(image.astype(jnp.float32) / 255)[None, :rows, :cols]
-        out = self.network.apply({"params": params}, view)
+        out = self.network.apply({"params": params}, normalize(image.astype(jnp.float32) / 255)[None])
         # Both image-level heads are trained by the same multi-label loss: their mean is the prediction.
         probs = (jax.nn.sigmoid(out["cls_logits"]) + jax.nn.sigmoid(out["coarse_logits"]))[0] / 2
         return (probs > 0.5).astype(jnp.float32)
@@ -68,7 +70,7 @@ class CamPredictor:
     def predict(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         def cam_fn(views):
             out = self.network.apply({"params": params}, views)
-            return out["fused_cam"], out["patch_attention"] if self.refine else None
+            return select_cam(out, self.cam_kind), out["patch_attention"] if self.refine else None
 
         def one(image, labels):
             present = self._predicted_labels(params, image) if labels is None else labels

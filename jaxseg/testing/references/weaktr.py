@@ -3,16 +3,21 @@ WeakTr.forward / interpolate_pos_encoding and `AAF.py`, V3) on timm's ViT blocks
 `vision_transformer.py` is. Parameter names are the official checkpoint's (`patch_embed.proj`,
 `cls_token` (1, C, D), `pos_embed` (1, C + P, D), `blocks.i`, `norm`, `head`,
 `adaptive_attention_fusion.attn_{feat,head}_ffn`), so its state dict stands in for a released checkpoint.
-With fusion "mctformer" it is MCTformer-V2 (no AAF module). Used by the parity and converter tests and by
-`benchmarks/bench_weaktr.py`.
+With fusion "mctformer" it is MCTformer-V2 (no AAF module). `official_image_cams` is the official CAM
+inference of one image (`datasets.py` VOC12DatasetMS and `engine.py` generate_attention_maps_ms, in
+float32). Used by the parity and converter tests and by `benchmarks/bench_weaktr.py`.
 """
 from __future__ import annotations
 
 import functools
 
+import numpy as np
+import PIL.Image
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+
+from jaxseg.ops.image import IMAGENET_MEAN, IMAGENET_STD
 
 # The size the tests use: 5 classes, width 64, 2 layers of 4 heads, patch 8, 4 x 4 pretraining grid.
 TINY = dict(num_classes=5, width=64, depth=2, num_heads=4, patch_size=8, grid=4)
@@ -58,11 +63,11 @@ class TorchWeakTr(nn.Module):
             self.adaptive_attention_fusion = TorchAAF(depth * num_heads, reduction, width // num_heads,
                                                       feat_reduction)
 
-    def interpolate_pos_encoding(self, rows, cols):
+    def interpolate_pos_encoding(self, rows, cols, height, width):
         c, d = self.num_classes, self.width
         n = self.pos_embed.shape[1] - c
         side = int(n ** 0.5)
-        if rows * cols == n and rows == cols:
+        if rows * cols == n and height == width:  # pixel sizes: a non-square input is always resampled
             return self.pos_embed
         patch = self.pos_embed[:, c:].reshape(1, side, side, d).permute(0, 3, 1, 2)
         patch = nn.functional.interpolate(patch, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
@@ -75,7 +80,7 @@ class TorchWeakTr(nn.Module):
         rows, cols = height // self.patch_size, width // self.patch_size
         x = self.patch_embed["proj"](x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
-        x = x + self.interpolate_pos_encoding(rows, cols)
+        x = x + self.interpolate_pos_encoding(rows, cols, height, width)
         weights, feats = [], []
         hooks = []
         for block in self.blocks:  # each block also yields its attention map and attention output
@@ -106,11 +111,68 @@ class TorchWeakTr(nn.Module):
             cross = mean[-self.mctformer_layers:].sum(0)[:, :c, c:].reshape(b, c, rows, cols)
             patch_attn = mean.sum(0)[:, c:, c:]
         cams = cross * coarse_cam
-        out.update(fused_cam=cams, patch_attention=patch_attn)
+        out.update(cross_attention=cross, fused_cam=cams, patch_attention=patch_attn)
         if self.fusion == "aaf":
             fine = torch.matmul(patch_attn.unsqueeze(1), cams.view(b, c, -1, 1)).reshape(b, c, rows, cols)
             out["fine_logits"] = fine.mean((2, 3))
         return out
+
+
+def official_cams(outputs: dict, attention_type: str) -> torch.Tensor:
+    """`models.py` WeakTr.forward's CAM for `attention_type`: "fused" CA * ReLU(Z), "patchcam" ReLU(Z), any
+    other value the cross attention CA."""
+    if attention_type == "fused":
+        return outputs["fused_cam"]
+    if attention_type == "patchcam":
+        return torch.relu(outputs["coarse_cam"])
+    return outputs["cross_attention"]
+
+
+@torch.no_grad()
+def official_image_cams(model: TorchWeakTr, image: np.ndarray, labels: np.ndarray, scales,
+                        attention_types=("fused", "patchcam", "cross"),
+                        patch_attn_refine=(True, False)) -> dict[tuple[str, bool], dict[str, np.ndarray]]:
+    """The official CAMs of one uint8 (H, W, 3) image for each attention type and refinement setting,
+    from one forward pass per view: {(attention_type, patch_attn_refine): {"sum_cam": the sum over the
+    views (C, H, W), "cams": its present classes min-max normalised, absent classes 0}}.
+
+    The dataset makes the views: per scale, PIL's bicubic resize of the PIL image to (round(W s),
+    round(H s)), ToTensor + ImageNet Normalize, then the whole view and its horizontal flip. The engine,
+    per view: the model's CAM (its stride-p embedding drops the remainder), refined by the patch
+    attention or not, bilinearly upsampled to the first view's size, times the labels, un-flipped for
+    flipped views; then the sum over views and the per-class min-max normalisation. fp32 (the engine
+    runs under autocast)."""
+    pil = PIL.Image.fromarray(image)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    views = []
+    for scale in scales:
+        scaled = pil.resize((round(pil.size[0] * scale), round(pil.size[1] * scale)), resample=PIL.Image.BICUBIC)
+        tensor = (torch.from_numpy(np.asarray(scaled).copy()).permute(2, 0, 1).float().div(255) - mean) / std
+        views += [tensor, torch.flip(tensor, [-1])]
+    height, width = views[0].shape[1:]
+    target = torch.from_numpy(np.asarray(labels, np.float32))
+    settings = [(kind, refine) for kind in attention_types for refine in patch_attn_refine]
+    cam_lists = {setting: [] for setting in settings}
+    for index, view in enumerate(views):
+        outputs = model(view[None])
+        for kind, refine in settings:
+            cams = official_cams(outputs, kind)
+            b, c, rows, cols = cams.shape
+            if refine:
+                patch_attn = outputs["patch_attention"]
+                cams = torch.matmul(patch_attn.unsqueeze(1), cams.view(b, c, -1, 1)).reshape(b, c, rows, cols)
+            cams = nn.functional.interpolate(cams, size=(height, width), mode="bilinear", align_corners=False)[0]
+            cams = cams * target.view(c, 1, 1)
+            cam_lists[kind, refine].append(torch.flip(cams, dims=[-1]) if index % 2 else cams)
+    results = {}
+    for setting, cam_list in cam_lists.items():
+        total = torch.stack(cam_list).sum(0)
+        result = torch.zeros_like(total)
+        for cls in torch.nonzero(target > 0).flatten().tolist():
+            cam = total[cls]
+            result[cls] = (cam - cam.min()) / (cam.max() - cam.min() + 1e-8)
+        results[setting] = {"sum_cam": total.numpy(), "cams": result.numpy()}
+    return results
 
 
 def random_torch_weaktr(fusion="aaf", mctformer_layers=None, sizes=TINY, seed=0) -> TorchWeakTr:
