@@ -156,3 +156,25 @@ def test_mismatches_are_named():
     with pytest.raises(WeightConversionError, match="not a Segmenter state dict"):
         from_official_segmenter({k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")})
     assert convert_weights.detect_layout(sd) == "segmenter"
+
+
+def test_pixel_stats_reach_training_and_prediction():
+    """ViT-S† checkpoints want 0.5 / 0.5 inputs: `method.pixel_stats` normalises the training crops and the
+    predictor's windows alike; an unknown name is one clear error."""
+    from jaxseg.config import apply_overrides, load_config
+    from jaxseg.data.augment.mmseg import weaktr_stage2_example
+    from jaxseg.errors import UserError
+    from jaxseg.methods import build
+    from jaxseg.runs import sections
+
+    image = np.full((40, 40, 3), 255, np.uint8)
+    example = {"image": image, "semantic": np.zeros((40, 40), np.uint8)}
+    out = weaktr_stage2_example(example, np.random.default_rng(0), crop=32, base=36, photometric=False,
+                                pixel_stats=((0.5,) * 3, (0.5,) * 3))
+    assert np.allclose(out["image"][:8, :8], 1.0)  # white is (1 - 0.5) / 0.5 under the inception stats
+    config = load_config("configs/segmenter/scenes.py:runlocal")
+    apply_overrides(config, ["method.pixel_stats=inception"])
+    assert build(config, sections(config).data).pixel_stats == "inception"
+    apply_overrides(config, ["method.pixel_stats=imagenet21k"])
+    with pytest.raises(UserError, match="method.pixel_stats must be one of"):
+        build(config, sections(config).data)

@@ -6,6 +6,9 @@ from jaxseg.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) by name: ImageNet's, or timm's "inception" 0.5 / 0.5, which rstrudel/segmenter's ViT
+# backbones (and so WeakTr's best stage-2 model, ViT-S/16 at 384) were trained with.
+PIXEL_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 # Slack around [0, 1] for resampling overshoot (bicubic resizes ring slightly past the range).
 UNIT_RANGE_SLACK = 0.01
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxseg.data.augment.common import _map_spatial, normalize_image, pad_to, random_hflip
+from jaxseg.ops.image import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _cv2_linear_taps(size: int, new: int, clamp_weights: bool):
@@ -169,19 +170,20 @@ def photometric_distortion(example: dict, rng: np.random.Generator, brightness_d
 
 
 def weaktr_stage2_example(example: dict, rng: np.random.Generator, crop: int = 480, base: int = 520, *,
-                          ratio_range: tuple[float, float] = (0.5, 2.0), photometric: bool = True) -> dict:
+                          ratio_range: tuple[float, float] = (0.5, 2.0), photometric: bool = True,
+                          pixel_stats: tuple = (IMAGENET_MEAN, IMAGENET_STD)) -> dict:
     """WeakTr's stage-2 training augmentation of {"image": (H, W, 3) uint8, "semantic": (H, W) pseudo
     labels} in mmseg's order: ratio rescale (short side ~ base x U(ratio_range)), random crop with
     cat_max_ratio 0.75, flip, photometric distortion (unless `photometric` is False), normalisation,
     padding (image 0, labels 255) -> {"image": (crop, crop, 3) float32 normalised, "semantic": (crop,
     crop)}. The defaults are the recipe's; milder settings suit small models trained from scratch.
 
-    Normalisation uses the exact ImageNet constants; WeakTr passes mmseg 255 x mean / std rounded to two
-    decimals, a difference below 1e-4 in the normalised values."""
+    Normalisation uses the exact (mean, std) of `pixel_stats` (ImageNet's by default); WeakTr passes mmseg
+    255 x mean / std rounded to two decimals, a difference below 1e-4 in the normalised values."""
     x = {"image": example["image"], "semantic": example["semantic"]}
     x = ratio_rescale(x, rng, img_scale=(8 * base, base), ratio_range=ratio_range)
     x = random_crop_cat_max(x, rng, (crop, crop))
     x = random_hflip(x, rng)
     if photometric:
         x = photometric_distortion(x, rng)
-    return pad_to(dict(x, image=normalize_image(x["image"])), (crop, crop))
+    return pad_to(dict(x, image=normalize_image(x["image"], *pixel_stats)), (crop, crop))

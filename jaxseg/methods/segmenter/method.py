@@ -22,6 +22,7 @@ from jaxseg.methods.base import check_crop_fits_patches, choose
 from jaxseg.methods.segmenter.predictors import MultiScaleFlipPredictor
 from jaxseg.metrics.accumulators import SemanticMetric
 from jaxseg.models.segmenter import Segmenter
+from jaxseg.ops.image import PIXEL_STATS
 from jaxseg.train.optim import adamw_groups, path_names, scale_by_group_schedule
 from jaxseg.wsss.cam import wsss_semantic
 
@@ -65,7 +66,9 @@ class SegmenterOptimizer:
 @dataclasses.dataclass
 class SegmenterMethod:
     """`base_size` is the short side the mmseg rescale (and the predictor's scale 1) aims at; `clipping`,
-    `clip_cell_size`, `start_value`: the gradient-clipping loss (`jaxseg.losses.gradient_clipping`)."""
+    `clip_cell_size`, `start_value`: the gradient-clipping loss (`jaxseg.losses.gradient_clipping`);
+    `pixel_stats`: the input normalisation (`jaxseg.ops.image.PIXEL_STATS`) in training and prediction,
+    "inception" (0.5 / 0.5) for rstrudel/segmenter's ViT backbones (WeakTr's ViT-S/16 at 384)."""
     network_class: ClassVar[type] = Segmenter
     label_space: ClassVar[str] = "wsss"  # trained on pseudo-labels or on ground truth mapped to them
     optimizer_class: ClassVar[type] = SegmenterOptimizer
@@ -83,9 +86,12 @@ class SegmenterMethod:
     clipping: bool = True
     clip_cell_size: int = setting(120, ">= 1")
     start_value: float = setting(1.2, "finite and >= 0")
+    pixel_stats: str = "imagenet"
 
     def __post_init__(self):
         check_rules(self)
+        if self.pixel_stats not in PIXEL_STATS:
+            raise UserError(f"method.pixel_stats must be one of {sorted(PIXEL_STATS)}, got {self.pixel_stats!r}")
         self.model = module_settings(self.model)
         self.network = self.network_class(**self.model)
         check_crop_fits_patches(self.crop_size, self.model)
@@ -115,7 +121,8 @@ class SegmenterMethod:
         example = {"image": np.asarray(example["image"]),
                    "semantic": wsss_semantic(example, self.num_foreground, self.train_labels).astype(np.uint8)}
         out = weaktr_stage2_example(example, rng, crop=self.crop_size, base=self.base_size,
-                                    ratio_range=self.ratio_range, photometric=self.photometric)
+                                    ratio_range=self.ratio_range, photometric=self.photometric,
+                                    pixel_stats=PIXEL_STATS[self.pixel_stats])
         return {"image": out["image"], "semantic": out["semantic"].astype(np.int32)}
 
     def predictor(self, kind: str, **settings):

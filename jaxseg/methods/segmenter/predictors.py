@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxseg.inference.canvas import multiscale_flip_inputs, multiscale_flip_probs
 from jaxseg.models.segmenter import combine_readouts
-from jaxseg.ops.image import normalize
+from jaxseg.ops.image import PIXEL_STATS, normalize
 from jaxseg.wsss.cam import wsss_semantic
 
 
@@ -50,7 +50,7 @@ class MultiScaleFlipPredictor:
 
     def predict(self, params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         probs = multiscale_flip_probs(lambda windows: self._log_scores(params, windows), batch, self.window,
-                                      lambda image: normalize(image / 255))
+                                      lambda image: normalize(image / 255, *PIXEL_STATS[self.method.pixel_stats]))
         return {"semantic": jnp.argmax(probs, axis=1).astype(jnp.int32)}
 
     def finish(self, outputs: dict, example: dict) -> dict:
