@@ -1,4 +1,5 @@
 """The benchmark scripts (benchmarks/) run end to end (tiny settings, JAX side only) and print their tables."""
+import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -33,6 +34,14 @@ def test_weaktr_benchmark_runs_both_stages():
     assert "| 32 | 7 |" in proc.stdout
     assert "# Stage-2 train step" in proc.stdout
     assert proc.stdout.count("| jaxseg |") == 2 and proc.stdout.count("| PyTorch |") == 2
+
+
+def test_crf_benchmark_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_crf.py"), "--sizes", "32", "--images", "2",
+                           "--batch", "2", "--crf", "voc", "--no-pydensecrf"],
+                          capture_output=True, text=True, timeout=hang_guard(300), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 32 | voc | - |" in proc.stdout
 
 
 NUM_THINGS = 6  # the default scenes have 6 thing classes; stuff is background
@@ -92,10 +101,11 @@ def test_make_pseudo_labels_end_to_end(scenes, tmp_path):
     command = [sys.executable, str(ROOT / "tools" / "make_pseudo_labels.py"), "--checkpoint",
                str(tmp_path / "run"), "--model_config", str(tmp_path / "model.json"), "--data_dir",
                str(data_dir), "--dataset", dataset, "--out_dir", str(tmp_path / "out"), "--num_foreground",
-               str(NUM_THINGS), "--sweep", "0.3", "0.5"]
+               str(NUM_THINGS), "--sweep", "0.3", "0.5", "--cam_kind", "cross"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=hang_guard(300), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_pseudo_labels(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["cam_kind"] == "cross"
     again = subprocess.run(command, capture_output=True, text=True, timeout=hang_guard(300), cwd=ROOT)
     assert again.returncode == 2 and "not empty" in again.stderr  # never overwrites silently
 
@@ -118,6 +128,43 @@ def test_make_pseudo_labels_from_a_converted_params_file(scenes, tmp_path, capsy
                       *common]) == 2
     error = capsys.readouterr().err
     assert "vit.msgpack holds plain ViT params" in error and "not a WeakTr network" in error
+
+
+def _crf_pseudo_labels(scenes, tmp_path, name: str, *options: str) -> dict:
+    """The report of the pseudo-label tool run in-process with --crf voc and `options` into tmp_path/name."""
+    import json
+
+    from jaxseg.cli import pseudo_labels as tool
+    from jaxseg.convert.params_io import save_params
+
+    if not (tmp_path / "weaktr.msgpack").exists():
+        save_params(tmp_path / "weaktr.msgpack", *_tiny_weaktr())
+    data_dir, dataset = scenes
+    assert tool.main(["--checkpoint", str(tmp_path / "weaktr.msgpack"), "--data_dir", str(data_dir), "--dataset",
+                      dataset, "--sweep", "0.3", "0.5", "--out_dir", str(tmp_path / name), "--crf", "voc",
+                      *options]) == 0
+    _check_pseudo_labels(tmp_path / name)
+    return json.loads((tmp_path / name / "report.json").read_text())
+
+
+def test_make_pseudo_labels_with_crf(scenes, tmp_path):
+    """--crf voc refines the PNGs with the JAX dense CRF and reports the labels' mIoU before and after it."""
+    report = _crf_pseudo_labels(scenes, tmp_path, "out")
+    assert report["crf"] == "voc" and report["crf_backend"] == "jax"
+    assert 0 <= report["labels_miou"] <= 1 and 0 <= report["crf_miou"] <= 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None,
+                    reason="optional extra jaxseg[crf] (pydensecrf) not installed")
+def test_pydensecrf_backend_in_worker_processes_writes_the_jax_backends_labels(scenes, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ours = _crf_pseudo_labels(scenes, tmp_path, "jax")
+    reference = _crf_pseudo_labels(scenes, tmp_path, "pydensecrf", "--crf_backend", "pydensecrf", "--crf_workers", "2")
+    assert reference["crf_backend"] == "pydensecrf" and reference["crf_miou"] == ours["crf_miou"]
+    for png in sorted((tmp_path / "jax").glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "pydensecrf" / png.name)))
 
 
 def test_train_tool_runs_the_scenes_config_and_resumes(tmp_path):

@@ -1,4 +1,5 @@
-"""Optional dense CRF post-processing (pydensecrf, from the `crf` extra: pip install 'jaxseg[crf]').
+"""Dense CRF post-processing with pydensecrf (the optional `crf` extra: pip install 'jaxseg[crf]'), and
+WeakTr's parameters, which `jaxseg.wsss.dense_crf` (the same CRF in JAX) shares.
 
 WeakTr refines hard pseudo-labels in stage 1 (unary from labels, gt_prob 0.7) and soft predictions in
 stage 2 (unary -log(clip(p, 1e-5))), each with dataset-specific pairwise terms, 10 mean-field steps.
@@ -27,6 +28,11 @@ PSEUDO_LABEL_CRF = {"voc": CrfParams(4, 3, 83, 5, 3), "coco": CrfParams(3, 3, 50
 PREDICTION_CRF = {"voc": CrfParams(3, 3, 83, 5, 3), "coco": CrfParams(1, 3, 67, 3, 4)}
 
 
+def require_pydensecrf() -> None:
+    """Raises `MissingDependencyError` (naming the extra to install) where pydensecrf is missing."""
+    _densecrf()
+
+
 def _densecrf():
     try:
         import pydensecrf.densecrf as dcrf
@@ -38,38 +44,54 @@ def _densecrf():
     return dcrf, utils
 
 
-def _infer(image: np.ndarray, unary: np.ndarray, num_labels: int, params: CrfParams) -> np.ndarray:
+def marginals(image: np.ndarray, unary: np.ndarray, params: CrfParams) -> np.ndarray:
+    """pydensecrf's mean-field marginals (L, H, W) for (L, H, W) unary energies (-log p) of a uint8
+    (H, W, 3) image."""
     dcrf, _ = _densecrf()
-    height, width = image.shape[:2]
+    num_labels, height, width = unary.shape
+    # Copies below: pydensecrf takes writable buffers, and datasets and JAX hand out read-only arrays.
     crf = dcrf.DenseCRF2D(width, height, num_labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
+    crf.setUnaryEnergy(np.array(np.reshape(unary, (num_labels, -1)), np.float32, order="C"))
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image, np.uint8), compat=params.bilateral_compat)
-    q = np.asarray(crf.inference(params.iterations)).reshape(num_labels, height, width)
-    return q.argmax(0)
+                             rgbim=np.array(image, np.uint8, order="C"), compat=params.bilateral_compat)
+    return np.asarray(crf.inference(params.iterations)).reshape(num_labels, height, width)
 
 
-def _check_image(image: np.ndarray, size: tuple) -> None:
+def check_image(image: np.ndarray, size: tuple) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[:2] != size:
         raise UserError(f"CRF needs the uint8 (H, W, 3) image of the labels' size {size}, got "
                         f"{image.dtype} {image.shape}")
 
 
-def crf_from_labels(image: np.ndarray, label_map: np.ndarray, params: CrfParams,
-                    gt_prob: float = 0.7) -> np.ndarray:
-    """Refine an (H, W) label map (any ids) over the labels it contains; returns the same ids."""
-    _check_image(image, label_map.shape)
+def label_indices(label_map: np.ndarray, labels=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, the (H, W) map as indices into them) for a CRF over `labels`, the ids it chooses from
+    (default: those in the map; WeakTr's: the background and the image's classes, some of which the map
+    may lack, and their number sets the unary)."""
+    label_map = np.asarray(label_map)
+    ids = np.unique(label_map) if labels is None else np.asarray(labels)
+    indices = np.searchsorted(ids, label_map)
+    if (ids.ndim != 1 or len(ids) == 0 or np.any(np.diff(ids) <= 0)
+            or np.any(ids[np.minimum(indices, len(ids) - 1)] != label_map)):
+        raise UserError(f"CRF labels must be increasing ids that include every id of the label map, got "
+                        f"{ids.tolist()} for a map of ids {np.unique(label_map).tolist()}")
+    return ids, indices
+
+
+def crf_from_labels(image: np.ndarray, label_map: np.ndarray, params: CrfParams, gt_prob: float = 0.7,
+                    labels=None) -> np.ndarray:
+    """Refine an (H, W) label map (any ids) over `labels` (`label_indices`); returns the same ids."""
+    check_image(image, np.shape(label_map))
     _, utils = _densecrf()
-    present, compact = np.unique(label_map, return_inverse=True)
-    unary = utils.unary_from_labels(compact.reshape(label_map.shape), len(present), gt_prob=gt_prob,
-                                    zero_unsure=False)
-    return present[_infer(image, unary, len(present), params)]
+    ids, indices = label_indices(label_map, labels)
+    if len(ids) == 1:  # nothing to choose (and pydensecrf's unary divides by n - 1)
+        return np.asarray(label_map).copy()
+    unary = utils.unary_from_labels(indices, len(ids), gt_prob=gt_prob, zero_unsure=False)
+    return ids[marginals(image, unary.reshape((len(ids),) + indices.shape), params).argmax(0)]
 
 
 def crf_from_scores(image: np.ndarray, scores: np.ndarray, params: CrfParams) -> np.ndarray:
     """Refine (K, H, W) class scores over the classes that win somewhere; returns (H, W) class ids."""
-    _check_image(image, scores.shape[1:])
+    check_image(image, scores.shape[1:])
     present = np.unique(scores.argmax(0))
-    unary = -np.log(np.clip(scores[present], 1e-5, None)).reshape(len(present), -1)
-    return present[_infer(image, unary, len(present), params)]
+    return present[marginals(image, -np.log(np.clip(scores[present], 1e-5, None)), params).argmax(0)]
