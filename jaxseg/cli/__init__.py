@@ -47,6 +47,32 @@ def error_line(error: BaseException) -> str:
     return "\n".join([f"error: {first}"] + [f"  {line.strip()}" for line in rest])
 
 
+def check_out_dir(out_dir: pathlib.Path, overwrite: bool) -> None:
+    """Refuses an `--out_dir` that is a file, or a non-empty directory without `--overwrite`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} is not empty; pass --overwrite to write into it")
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Refuses any of the options `names` that was given below 1."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
+def open_split(dataset: str, data_dir: str, split: str):
+    """The TFDS data source of one split of a prepared dataset."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(dataset, data_dir=data_dir, split=split)
+    except Exception as e:  # tfds raises its own errors for an unknown dataset, version or split
+        raise UserError(f"cannot open split {split!r} of dataset {dataset!r} in {data_dir}: "
+                        f"{str(e).splitlines()[0]}") from e
+
+
 def read_json(path: str | pathlib.Path, what: str):
     """The JSON document in the file `path`, which the user gave as `what`."""
     try:

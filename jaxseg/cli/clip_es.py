@@ -110,16 +110,9 @@ def parser() -> cli.ArgumentParser:
 
 
 def make_pseudo_labels(args) -> int:
-    import tensorflow_datasets as tfds
-
     out_dir = pathlib.Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise cli.UserError(f"--out_dir {out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise cli.UserError(f"{out_dir} is not empty; pass --overwrite to write into it")
-    for name in ("limit", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise cli.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    cli.check_out_dir(out_dir, args.overwrite)
+    cli.check_positive(args, "limit", "batch_size")
     config, params = load_params(pathlib.Path(args.clip))
     if not {"vision", "text"} <= set(config):
         raise cli.UserError(f"{args.clip} holds no CLIP (its model config has no 'vision' and 'text' towers): "
@@ -134,11 +127,7 @@ def make_pseudo_labels(args) -> int:
                  else clip_es.power_background_threshold(args.background_power))
     predictor = clip_es.ClipEsPredictor(model, text, len(names), args.ground_truth, box_threshold=box_threshold,
                                         threshold=threshold, affinity_layers=args.affinity_layers)
-    try:
-        source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
-    except Exception as e:  # tfds raises its own errors for an unknown dataset, version or split
-        raise cli.UserError(f"cannot open split {args.split!r} of dataset {args.dataset!r} in {args.data_dir}: "
-                            f"{str(e).splitlines()[0]}") from e
+    source = cli.open_split(args.dataset, args.data_dir, args.split)
     count = min(len(source), args.limit or len(source))
     evaluated = "semantic" in source[0]
     evaluator = Evaluator(predictor, lambda: {"cam_sweep": CamSweepMetric(len(names), args.sweep)} if evaluated

@@ -243,16 +243,9 @@ class _LabelWriter:
 
 
 def make_pseudo_labels(args) -> int:
-    import tensorflow_datasets as tfds
-
     out_dir = pathlib.Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise cli.UserError(f"--out_dir {out_dir} exists and is not a directory")
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise cli.UserError(f"{out_dir} is not empty; pass --overwrite to write into it")
-    for name in ("limit", "batch_size", "num_foreground"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise cli.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    cli.check_out_dir(out_dir, args.overwrite)
+    cli.check_positive(args, "limit", "batch_size", "num_foreground")
     backend, workers = _crf_settings(args) or ("jax", 1)
     network, params, settings, run_labels, run_threshold = _model(args, pathlib.Path(args.checkpoint))
     num_foreground = args.num_foreground or network.num_classes
@@ -264,11 +257,7 @@ def make_pseudo_labels(args) -> int:
         cam_kind=args.cam_kind or settings.get("cam_kind", "fused"),
         refine=settings.get("refine", True) if args.refine is None else args.refine,
         threshold=next(t for t in (args.threshold, run_threshold, PSEUDO_LABEL_THRESHOLD) if t is not None))
-    try:
-        source = tfds.data_source(args.dataset, data_dir=args.data_dir, split=args.split)
-    except Exception as e:  # tfds raises its own errors for an unknown dataset, version or split
-        raise cli.UserError(f"cannot open split {args.split!r} of dataset {args.dataset!r} in {args.data_dir}: "
-                            f"{str(e).splitlines()[0]}") from e
+    source = cli.open_split(args.dataset, args.data_dir, args.split)
     count = min(len(source), args.limit or len(source))
     evaluated = "semantic" in source[0]
     evaluator = Evaluator(predictor, lambda: {"cam_sweep": CamSweepMetric(num_foreground, args.sweep)} if evaluated
