@@ -55,27 +55,21 @@ def torch_device():
             torch.cuda.reset_peak_memory_stats)
 
 
-def shipped_train_step(method, local_batch: dict):
-    """The trainer's compiled step for `method` on one device, its initial state and the batch as a global
-    array: what `Trainer.run` executes each step (`jaxseg.train.trainer.Trainer.make_step`)."""
-    import tempfile
-
+def shipped_train_step(method, local_batch: dict, rules=None):
+    """The trainer's compiled step for `method` on one device (`jaxseg.train.step.make_train_step`, what
+    `Trainer.run` executes each step), its initial state and the batch as a global array. Needs neither
+    grain nor orbax."""
     import flax.linen as nn
     import jax
 
     from jaxseg.parallel import DEFAULT_RULES, MeshConfig, global_batch
-    from jaxseg.train.trainer import TrainConfig, Trainer
+    from jaxseg.train.step import abstract_train_state, initial_state, make_train_step
 
+    rules = rules or DEFAULT_RULES
     mesh = MeshConfig().make_mesh(jax.devices()[:1])
-    batch_size = len(next(iter(local_batch.values())))
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(method, TrainConfig(total_steps=method.total_steps, batch_size=batch_size), workdir, [],
-                          mesh=mesh)
-        init, _, shardings = trainer.abstract_state()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        state = trainer.initial_state(init, shardings)
-        step = trainer.make_step(shardings)
-        return step, state, global_batch(local_batch, mesh)
+    init, _, shardings = abstract_train_state(method, 0, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return make_train_step(method, shardings), initial_state(init, shardings, 0), global_batch(local_batch, mesh)
 
 
 def time_train_step(method, local_batch: dict, steps: int) -> tuple[float, dict]:

@@ -3,7 +3,7 @@ inputs, and prints a table with ratios.
 
     python benchmarks/bench_eomt.py --size S --image-size 256 --batch 2 --queries 100 --targets 20
 
-Rows: inference forward (masked attention off), and the shipped training step (`Trainer.make_step` over
+Rows: inference forward (masked attention off), and the shipped training step (`make_train_step` over
 `EomtMethod`: masked attention on with all probabilities 1, set loss over the L2+1 predictions, backward,
 the recipe's AdamW with LLRD and gradient clipping; transformers' side: AdamW). Median of --steps timed
 runs after warm-up/compilation. Also: the share of the jaxseg step spent in matching (cost matrix +
@@ -17,21 +17,19 @@ transformers is optional (--no-torch). A GPU run of the paper's setting:
 """
 import argparse
 import sys
-import tempfile
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import install_torch_guard, median_seconds, print_table
+from bench_common import install_torch_guard, median_seconds, print_table, shipped_train_step
 
 from jaxseg.data.datasets import DataConfig
 from jaxseg.losses.mask_classification import SetLossConfig, Targets, draw_points, matching_cost
 from jaxseg.matching import match
 from jaxseg.methods.eomt import Annealing, EomtMethod, EomtOptimizer
 from jaxseg.models.eomt import eomt_config
-from jaxseg.parallel import DEFAULT_RULES, MeshConfig, global_batch
-from jaxseg.train.trainer import TrainConfig, Trainer
+from jaxseg.parallel import DEFAULT_RULES
 
 
 def _targets(batch, num_targets, size, num_classes, seed=0):
@@ -55,7 +53,7 @@ def _flops(jitted, *args) -> float | None:
 
 
 def bench_jax(config, images, targets, loss_config, steps):
-    """The shipped train step (`Trainer.make_step` over `EomtMethod`: annealed masking, the set loss on
+    """The shipped train step (`jaxseg.train.step.make_train_step` over `EomtMethod`: annealed masking, the set loss on
     every prediction, the recipe's AdamW with LLRD and clipping), masking on in every block."""
     batch, num_targets = targets.labels.shape
     num_blocks = config["num_query_blocks"]
@@ -63,15 +61,10 @@ def bench_jax(config, images, targets, loss_config, steps):
     method = EomtMethod(model=config, optimizer=EomtOptimizer(), total_steps=10_000, batch_size=batch,
                         data=DataConfig(name="jaxseg_scenes"), crop_size=images.shape[1], max_segments=num_targets,
                         set_loss=loss_config, annealing=Annealing(never, tuple(n + 1 for n in never)))
-    mesh = MeshConfig().make_mesh(jax.devices()[:1])
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(method, TrainConfig(total_steps=10_000, batch_size=batch), workdir, [], mesh=mesh)
-        init, _, shardings = trainer.abstract_state()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        state = {"train": trainer.initial_state(init, shardings)}
-        train_step = trainer.make_step(shardings)
-        inputs = global_batch({"image": images, "masks": targets.masks, "labels": targets.labels,
-                               "valid": targets.valid}, mesh)
+    train_step, train_state, inputs = shipped_train_step(method, {
+        "image": images, "masks": targets.masks, "labels": targets.labels, "valid": targets.valid})
+    state = {"train": train_state}
+    with jax.set_mesh(inputs["image"].sharding.mesh), nn.logical_axis_rules(DEFAULT_RULES):
         params = state["train"].params
         forward = jax.jit(lambda p, x: method.network.apply({"params": p}, x))
         out = forward(params, images)
@@ -102,7 +95,9 @@ def bench_jax(config, images, targets, loss_config, steps):
     return results
 
 
-def bench_torch(config, images, targets, num_points, steps, dtype):
+def bench_torch(config, images, targets, num_points, steps, dtype, *, compiled=False, train=True):
+    """transformers' EoMT on the same sizes: {"forward": s, "train step": s (with `train`)}; `compiled`:
+    the model under `torch.compile`."""
     import torch
 
     install_torch_guard()
@@ -117,8 +112,9 @@ def bench_torch(config, images, targets, num_points, steps, dtype):
         use_swiglu_ffn=enc.get("mlp_type") == "swiglu")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    model = EomtForUniversalSegmentation(hf_config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    module = EomtForUniversalSegmentation(hf_config).to(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    model = torch.compile(module) if compiled else module
     x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
     mask_labels = [torch.from_numpy(m).to(device) for m in targets.masks]
     class_labels = [torch.from_numpy(c).long().to(device) for c in targets.labels]
@@ -127,15 +123,15 @@ def bench_torch(config, images, targets, num_points, steps, dtype):
         return torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def forward():
-        model.eval()
-        model.attn_mask_probs.fill_(0.0)
+        module.eval()
+        module.attn_mask_probs.fill_(0.0)
         with torch.no_grad(), autocast():
             model(pixel_values=x)
         synchronize()
 
     def train_step():
-        model.train()
-        model.attn_mask_probs.fill_(1.0)
+        module.train()
+        module.attn_mask_probs.fill_(1.0)
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss = model(pixel_values=x, mask_labels=mask_labels, class_labels=class_labels).loss
@@ -143,7 +139,10 @@ def bench_torch(config, images, targets, num_points, steps, dtype):
         optimizer.step()
         synchronize()
 
-    return {"forward": median_seconds(forward, steps), "train step": median_seconds(train_step, steps)}
+    result = {"forward": median_seconds(forward, steps)}
+    if train:
+        result["train step"] = median_seconds(train_step, steps)
+    return result
 
 
 def main(argv=None) -> int:

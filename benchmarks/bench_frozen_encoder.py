@@ -38,7 +38,7 @@ from jaxseg.config import apply_overrides, load_config
 from jaxseg.data.synthetic import SceneConfig, generate_scene
 from jaxseg.runs import sections
 from jaxseg.train.main import train_and_evaluate
-from jaxseg.train.trainer import TrainConfig, Trainer, abstract_train_state
+from jaxseg.train.step import abstract_train_state, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCENES = str(ROOT / "configs" / "eomt" / "scenes.py") + ":runlocal"
@@ -65,13 +65,10 @@ def step_memory(config, batch_size: int) -> dict:
              "labels": jax.ShapeDtypeStruct((batch_size, segments), jnp.int32),
              "valid": jax.ShapeDtypeStruct((batch_size, segments), jnp.bool_)}
     state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(method, TrainConfig(total_steps=method.total_steps, batch_size=batch_size), workdir, [],
-                          mesh=mesh, rules=parts.parallel.rules)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(parts.parallel.rules):
-            start = time.perf_counter()
-            analysis = trainer.make_step(shardings).lower(state, batch).compile().memory_analysis()
-            compile_seconds = time.perf_counter() - start
+    with jax.set_mesh(mesh), nn.logical_axis_rules(parts.parallel.rules):
+        start = time.perf_counter()
+        analysis = make_train_step(method, shardings).lower(state, batch).compile().memory_analysis()
+        compile_seconds = time.perf_counter() - start
 
     def nbytes(tree):
         return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))

@@ -4,7 +4,7 @@
 
 --stage picks stage 1 (the default), 2 or both.
 
-jaxseg's side is the shipped train step (`Trainer.make_step` over `WeakTrMethod` / `SegmenterMethod`, as
+jaxseg's side is the shipped train step (`jaxseg.train.step.make_train_step` over `WeakTrMethod` / `SegmenterMethod`, as
 training runs it). Stage 1 (the CAM network: the three soft-margin losses, AdamW with weight decay 0.03 on
 timm's per-epoch cosine, drop-path 0.1 as in WeakTr's recipe), for each of --image-sizes:
   - memory: tokens T = C + P, the bytes that keeping all K x H attention maps would take (what a direct

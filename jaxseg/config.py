@@ -24,9 +24,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-import ml_collections
+try:
+    import ml_collections
+    _CONFIG_DICTS: tuple[type, ...] = (ml_collections.ConfigDict,)
+except ImportError:  # config files need it; building objects from plain dict sections does not (the GPU script)
+    _CONFIG_DICTS = ()
 
 from jaxseg.errors import UnknownKeyError, UserError
+
+_SECTION_TYPES = (dict, *_CONFIG_DICTS)
 
 RULES = {
     "finite and >= 0": lambda v: math.isfinite(v) and v >= 0,
@@ -113,7 +119,7 @@ def _parse(text: str) -> Any:
 
 def _typed(key: str, old: Any, new: Any) -> Any:
     """`new` checked against the type of the value it replaces (ints widen to floats, lists to tuples)."""
-    if old is None or isinstance(old, (dict, ml_collections.ConfigDict)):
+    if old is None or isinstance(old, _SECTION_TYPES):
         return new
     if isinstance(old, bool):
         ok = isinstance(new, bool)
@@ -143,7 +149,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         *parents, leaf = key.split(".")
         node = config
         for part in parents + [leaf]:
-            if not isinstance(node, (ml_collections.ConfigDict, dict)):
+            if not isinstance(node, _SECTION_TYPES):
                 raise UnknownKeyError(f"unknown config key {key!r}: {part!r} is below a value, not a section")
             keys = sorted(node.keys())
             if part not in keys:
@@ -154,7 +160,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, _CONFIG_DICTS):
         return value.to_dict()
     return value
 

@@ -7,12 +7,14 @@ Adding a method is one package and an entry here.
 from __future__ import annotations
 
 import importlib
-
-import ml_collections
+from typing import TYPE_CHECKING
 
 from jaxseg.config import construct
 from jaxseg.data.datasets import DataConfig
 from jaxseg.errors import UserError
+
+if TYPE_CHECKING:  # a method runs without ml_collections (the GPU benchmark machine has none)
+    import ml_collections
 
 # name -> "module:class" of each method's dataclass (imported on use).
 METHODS = {

@@ -23,9 +23,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxseg import parallel
 from jaxseg.config import check_rules, setting
@@ -33,16 +31,9 @@ from jaxseg.data.pipeline import train_dataset
 from jaxseg.errors import NonFiniteLossError, UnknownKeyError
 from jaxseg.train.checkpoint import Checkpointer, load_init_params
 from jaxseg.train.metric_writer import MetricWriter
+from jaxseg.train.step import TrainState, abstract_train_state, initial_state, make_train_step
 
 log = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +67,6 @@ class Evaluation:
     every: int = 0
 
 
-def abstract_train_state(method, seed: int, mesh: jax.sharding.Mesh, rules: parallel.LogicalRules):
-    """(init function of the train state, its abstract value, its shardings); building it checks the
-    method's model and optimizer settings without computing anything."""
-    def init(rng):
-        params_rng, state_rng = jax.random.split(rng)
-        params = method.init_params(params_rng)
-        opt_state = method.optimizer_for(nn.unbox(params)).init(nn.unbox(params))
-        return TrainState(jnp.zeros([], jnp.int32), params, opt_state, state_rng)
-    boxed = jax.eval_shape(init, jax.random.PRNGKey(seed))
-    shardings = parallel.tree_shardings(boxed, mesh, rules)
-    return init, nn.unbox(boxed), nn.unbox(shardings)
-
-
 class Trainer:
     def __init__(self, method, config: TrainConfig, workdir: str | pathlib.Path, train_source: Sequence[dict],
                  *, mesh: jax.sharding.Mesh | None = None, rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
@@ -116,22 +94,12 @@ class Trainer:
 
     def make_step(self, shardings) -> Callable:
         """The jitted train step (state donated): (state, global batch) -> (state, metrics)."""
-        def step_fn(state: TrainState, batch: dict):
-            rng, step_rng = jax.random.split(state.rng)
-            tx = self.method.optimizer_for(state.params)
-            (loss, metrics), grads = jax.value_and_grad(self.method.loss, has_aux=True)(
-                state.params, batch, step_rng, state.step)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-            return TrainState(state.step + 1, params, opt_state, rng), metrics
-        return jax.jit(step_fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
-                       donate_argnums=(0,))
+        return make_train_step(self.method, shardings)
 
     def initial_state(self, init: Callable, shardings: Any) -> TrainState:
         """The state of the method's initialisation at the run's seed, created in its shardings (call
         inside the mesh and rules context, as `run` does)."""
-        return jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(self.config.seed))
+        return initial_state(init, shardings, self.config.seed)
 
     def run(self) -> TrainState:
         init, abstract, shardings = self.abstract_state()
