@@ -251,12 +251,16 @@ def _prediction_files(name: str, image: np.ndarray, prediction: dict,
         files[f"{name}_segments.json"] = json.dumps(segments, indent=1)
     if "cams" in prediction:
         cams = np.asarray(prediction["cams"])
+        traits = prediction.get("trait_maps")
         # Every present class, even one whose CAM is zero everywhere (the model found nothing).
-        for c in prediction["cam_classes"]:
+        for k, c in enumerate(prediction["cam_classes"]):
             # CAM class c is label c + 1 of the semantic (pseudo-label) map beside it: 0 is the background.
             title = class_names[c + 1] if class_names and c + 1 < len(class_names) else str(c)
             files[f"{name}_cam_{c}.png"] = Image.fromarray(annotated(
                 cam_overlay(large, _upscaled_cam(cams[c], factor)), [((), f"class {title}")]))
+            for head, trait in enumerate(traits[k] if traits is not None else ()):
+                files[f"{name}_trait_{c}_head_{head}.png"] = Image.fromarray(annotated(
+                    cam_overlay(large, _upscaled_cam(trait, factor)), [((), f"class {title}, head {head}")]))
     return files
 
 
@@ -268,7 +272,9 @@ class PredictionWriter:
       <name>_panoptic.png          (panoptic predictions) segment ids, id = R + 256 G + 256^2 B (COCO);
       <name>_panoptic_overlay.png  the segments over the image;
       <name>_segments.json         the segments: id, category_id, is_thing, score;
-      <name>_cam_<c>.png           (CAM predictions) class c's CAM over the image, for each present class.
+      <name>_cam_<c>.png           (CAM predictions) class c's CAM over the image, for each present class;
+      <name>_trait_<c>_head_<h>.png  (Prompt-CAM) class c's trait map of attention head h over the image,
+                                   from "trait_maps" (K, heads, H, W) in [0, 1], row k for cam_classes[k].
     The raw files are at the image's size; the overlays are enlarged by `upscale_factor` and carry a legend
     (`semantic_legend`, `panoptic_legend`; a CAM's: "class <name>"). `class_names` are indexed by predicted
     class id (`jaxseg.data.datasets.DataConfig.class_names` in the space the method predicts); where it has

@@ -21,6 +21,7 @@ METHODS = {
     "eomt": "jaxseg.methods.eomt:EomtMethod",
     "weaktr": "jaxseg.methods.weaktr:WeakTrMethod",
     "segmenter": "jaxseg.methods.segmenter:SegmenterMethod",
+    "prompt_cam": "jaxseg.methods.prompt_cam:PromptCamMethod",
 }
 
 
