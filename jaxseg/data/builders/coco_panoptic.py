@@ -14,8 +14,8 @@ Features of one example (H, W: the image's size; n = segments; the panoptic ones
   panoptic:  (H, W) int32 COCO segment ids (id = R + 256 G + 256^2 B of the official PNG), 0 = void; a
              zlib-compressed Tensor (TFDS decodes PNG images with PIL only for uint8).
   segments:  dict of per-segment lists, the json's `segments_info`: "id", "category_id" (int32), the
-             contiguous category 0..132 in the json's category order (things 0..79, stuff 80..132),
-             "is_thing", "iscrowd" (bool), "area" (int32), "bbox" (4,) int32 [x, y, width, height]
+             contiguous category 0..132 (`category_table`: things 0..79, stuff 80..132, each in the
+             json's order), "is_thing", "iscrowd" (bool), "area" (int32), "bbox" (4,) int32 [x, y, width, height]
              (an image without segments reads back as empty lists).
   semantic:  (H, W, 1) uint8 contiguous category, 255 = void or crowd, PNG.
   labels:    (133,) uint8 multi-hot of the categories with a segment, crowd segments included.
@@ -29,6 +29,7 @@ import json
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from jaxseg.data.builders.manual import (
@@ -49,23 +50,71 @@ _ANNOTATIONS = ("panoptic_annotations_trainval2017.zip "
 _PANOPTIC_PNGS = f"annotations/panoptic_{{folder}}.zip, inside {_ANNOTATIONS}"
 
 
-def _categories(annotations: dict, name: str) -> list[dict]:
-    table = [{"id": index, "coco_id": c["id"], "name": c["name"], "isthing": bool(c["isthing"])}
-             for index, c in enumerate(annotations["categories"])]
-    if len(table) != NUM_CATEGORIES:
-        raise UserError(f"{name} has {len(table)} categories, expected COCO panoptic's {NUM_CATEGORIES}")
-    return table
+def category_table(categories: list, where) -> list[dict]:
+    """The categories of a COCO panoptic json (`where` names it in errors) in contiguous order, things
+    first, stuff after, each group in the json's order (COCO's own json lists its 80 things first, so its
+    order is kept): [{"id": 0.., "coco_id": the json's id, "name", "isthing"}]. At most 255: the semantic
+    maps are uint8 with 255 ignored."""
+    if not isinstance(categories, list) or not categories:
+        raise UserError(f"{where}: 'categories' must be a non-empty list of {{'id', 'name', 'isthing'}}")
+    for index, c in enumerate(categories):
+        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("name"), str)
+                and c.get("isthing") in (0, 1)):
+            raise UserError(f"{where}: category {index} ({c!r}) needs an integer 'id', a 'name' and 'isthing' "
+                            f"0 or 1")
+    ids = [c["id"] for c in categories]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{where}: category ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
+    if len(categories) > 255:
+        raise UserError(f"{where} has {len(categories)} categories; at most 255 fit the uint8 labels (255 = ignore)")
+    ordered = sorted(categories, key=lambda c: not c["isthing"])  # stable
+    return [{"id": index, "coco_id": c["id"], "name": c["name"], "isthing": bool(c["isthing"])}
+            for index, c in enumerate(ordered)]
 
 
-def _segments(segments_info: list[dict], categories: dict[int, dict]) -> dict[str, np.ndarray]:
-    """The segment table of one image; `categories` maps COCO category ids to the metadata's rows."""
+def segment_table(segments_info: list[dict], categories: dict[int, dict], where) -> dict[str, np.ndarray]:
+    """The segment table of one image (`where` names it in errors); `categories` maps the json's category
+    ids to the rows of `category_table`."""
+    for s in segments_info:
+        if not all(key in s for key in ("id", "category_id", "iscrowd", "area", "bbox")):
+            raise UserError(f"{where}: segment {s!r} needs 'id', 'category_id', 'iscrowd', 'area' and 'bbox'")
+        if s["category_id"] not in categories:
+            raise UserError(f"{where}: segment {s['id']} has category_id {s['category_id']}, which is not one of "
+                            f"the json's categories {sorted(categories)}")
+    ids = [s["id"] for s in segments_info]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{where}: segment ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
     rows = [categories[s["category_id"]] for s in segments_info]
-    return {"id": np.array([s["id"] for s in segments_info], np.int32),
+    return {"id": np.array(ids, np.int32),
             "category_id": np.array([c["id"] for c in rows], np.int32),
             "is_thing": np.array([c["isthing"] for c in rows], bool),
             "iscrowd": np.array([s["iscrowd"] for s in segments_info], bool),
             "area": np.array([s["area"] for s in segments_info], np.int32),
             "bbox": np.array([s["bbox"] for s in segments_info], np.int32).reshape(-1, 4)}
+
+
+def panoptic_features(num_categories: int, image_id) -> dict:
+    """`semantic_features` plus the panoptic ids and the segment table; `image_id` its feature."""
+    return dict(semantic_features(num_categories), image_id=image_id,
+                panoptic=tfds.features.Tensor(shape=(None, None), dtype=np.int32, encoding="zlib"),
+                segments=segments_feature())
+
+
+def panoptic_ids(png: epath.Path) -> np.ndarray:
+    """(H, W) int32 segment ids of a COCO panoptic PNG: R + 256 G + 256^2 B."""
+    with Image.open(png) as ids:
+        rgb = np.asarray(ids.convert("RGB"), np.int32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+
+
+def panoptic_example(image_id, image: epath.Path, panoptic: np.ndarray, segments: dict, labels: np.ndarray) -> dict:
+    """The `panoptic_features` of one image: its semantic map holds each non-crowd segment's category
+    (crowd regions are ignored, as EoMT's training and PQ ignore them), 255 elsewhere."""
+    semantic = np.full(panoptic.shape, 255, np.uint8)
+    for segment_id, category, crowd in zip(segments["id"], segments["category_id"], segments["iscrowd"]):
+        if not crowd:
+            semantic[panoptic == segment_id] = category
+    return dict(semantic_example(image, semantic, labels, image_id), panoptic=panoptic, segments=segments)
 
 
 class JaxsegCocoPanoptic(ManualBuilder):
@@ -85,18 +134,20 @@ class JaxsegCocoPanoptic(ManualBuilder):
     """
 
     def _features(self) -> dict:
-        return dict(semantic_features(NUM_CATEGORIES), image_id=scalar(np.int64),
-                    panoptic=tfds.features.Tensor(shape=(None, None), dtype=np.int32, encoding="zlib"),
-                    segments=segments_feature())
+        return panoptic_features(NUM_CATEGORIES, scalar(np.int64))
 
     def _split_items(self, files: ManualDir) -> dict:
         splits, table = {}, None
         for split, folder in (("train", "train2017"), ("validation", "val2017")):
             json_path = files.path(f"annotations/panoptic_{folder}.json", _ANNOTATIONS)
             annotations = json.loads(json_path.read_text())
+            categories = category_table(annotations["categories"], json_path)
+            if len(categories) != NUM_CATEGORIES:
+                raise UserError(f"{json_path} has {len(categories)} categories, expected COCO panoptic's "
+                                f"{NUM_CATEGORIES}")
             if table is None:
-                table = _categories(annotations, json_path)
-            elif _categories(annotations, json_path) != table:
+                table = categories
+            elif categories != table:
                 raise UserError(f"{json_path} has other categories than the train json")
             categories = {c["coco_id"]: c for c in table}
             images = {image["id"]: image["file_name"] for image in annotations["images"]}
@@ -105,8 +156,8 @@ class JaxsegCocoPanoptic(ManualBuilder):
                 image = files.path(f"{folder}/{images[a['image_id']]}", _IMAGES.format(folder=folder))
                 png = files.path(f"annotations/panoptic_{folder}/{a['file_name']}",
                                  _PANOPTIC_PNGS.format(folder=folder))
-                items.append((a["image_id"], (a["image_id"], image, png,
-                                              _segments(a["segments_info"], categories))))
+                segments = segment_table(a["segments_info"], categories, f"{json_path}, image {a['image_id']}")
+                items.append((a["image_id"], (a["image_id"], image, png, segments)))
             splits[split] = items
         self.info.metadata["categories"] = table
         return splits
@@ -114,13 +165,6 @@ class JaxsegCocoPanoptic(ManualBuilder):
     @staticmethod
     def _example(item) -> dict:
         image_id, image, png, segments = item
-        with Image.open(png) as ids:
-            rgb = np.asarray(ids.convert("RGB"), np.int32)
-        panoptic = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
-        semantic = np.full(panoptic.shape, 255, np.uint8)
-        for segment_id, category, crowd in zip(segments["id"], segments["category_id"], segments["iscrowd"]):
-            if not crowd:  # crowd regions are ignored, as EoMT's training and PQ ignore them
-                semantic[panoptic == segment_id] = category
-        example = semantic_example(image, semantic, multi_hot(segments["category_id"], NUM_CATEGORIES),
-                                   image_id)
-        return dict(example, panoptic=panoptic, segments=segments)
+        # Crowd segments count as image-level labels.
+        return panoptic_example(image_id, image, panoptic_ids(png), segments,
+                                multi_hot(segments["category_id"], NUM_CATEGORIES))

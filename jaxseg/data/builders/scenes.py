@@ -46,7 +46,7 @@ from jaxseg.errors import UserError
 # Scene index of the first validation example; training scenes are 0..num_train-1, below it.
 VALIDATION_OFFSET = 1_000_000_000
 # What TFDS accepts as a config name (in `tfds.data_source("jaxseg_scenes/<name>")`).
-_CONFIG_NAME = re.compile(r"[\w+.-]+")
+CONFIG_NAME = re.compile(r"[\w+.-]+")
 
 
 @dataclasses.dataclass(eq=False)
@@ -57,8 +57,8 @@ class ScenesConfig(tfds.core.BuilderConfig):
     num_val: int = 500
 
     def __post_init__(self):
-        if not _CONFIG_NAME.fullmatch(self.name):
-            raise UserError(f"config name must match {_CONFIG_NAME.pattern}, got {self.name!r}")
+        if not CONFIG_NAME.fullmatch(self.name):
+            raise UserError(f"config name must match {CONFIG_NAME.pattern}, got {self.name!r}")
         if not (isinstance(self.num_train, int) and 1 <= self.num_train <= VALIDATION_OFFSET):
             raise UserError(f"num_train must be an integer in 1..{VALIDATION_OFFSET}, "
                             f"got {self.num_train!r}")
