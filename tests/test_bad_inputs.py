@@ -109,6 +109,10 @@ def test_train_refuses_bad_places_and_configs(run, tmp_path, capsys):
                      "unknown config argument 'bogus'")
     assert_one_error(capsys, train.main(["--config", CONFIG, "--workdir", str(tmp_path / "w"), "--bogus"]),
                      "unrecognized arguments: --bogus")
+    # A short run whose warm-up would never reach the peak rate.
+    segmenter = str(ROOT / "configs" / "segmenter" / "scenes.py") + ":runlocal"
+    assert_one_error(capsys, train.main(["--config", segmenter, "--workdir", str(tmp_path / "w"), "--set",
+                                         "train.total_steps=50"]), "must exceed optimizer.warmup_steps 100")
     assert not (tmp_path / "w").exists()
 
 

@@ -50,6 +50,9 @@ class SegmenterOptimizer:
             raise UserError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}")
 
     def build(self, params: Any, total_steps: int) -> optax.GradientTransformation:
+        if self.warmup_steps >= total_steps:  # optax would hold the rate below its peak for the whole run
+            raise UserError(f"train.total_steps {total_steps} must exceed optimizer.warmup_steps "
+                            f"{self.warmup_steps}")
         multipliers = jax.tree_util.tree_map(lambda name: self.encoder_multiplier if name.startswith("encoder/")
                                              else 1.0, path_names(params))
         labels = jax.tree_util.tree_map(lambda _: "all", params)
