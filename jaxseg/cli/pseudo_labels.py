@@ -16,11 +16,12 @@ foreground classes and the ground-truth label space (`--ground_truth`, default "
 run: "categories" when the first `--num_foreground` categories are the foreground, c -> c + 1 and other
 categories -> background 0; "wsss" when the dataset's labels already are background 0 + classes 1..C,
 as VOC's), and the CAM predictor's settings: which CAM (`--cam_kind`: WeakTr's fused CAM, the conv
-head's "patchcam" or the cross attention alone, "cross"), whether the CAMs are refined by the patch
-attention (`--refine` / `--no-refine`) and the scales (`--scales`), default the run's evaluation's, else
-the fused CAM, refined, at 1.0 and 1.2. The PNGs take the background threshold that the run's last CAM
-evaluation found best (`eval.json`), unless `--threshold` is given. The CAMs run through the evaluator
-(`jaxseg.evaluate`): on several hosts each writes the PNGs of its share.
+head's "patchcam", the cross attention alone, "cross", or GETAM's gradient-weighted attention,
+"gradient_attention", with the run's `gradient_score` / `gradient_start_layer`), whether the CAMs are
+refined by the patch attention (`--refine` / `--no-refine`) and the scales (`--scales`), default the
+run's evaluation's, else the fused CAM, refined, at 1.0 and 1.2. The PNGs take the background threshold
+that the run's last CAM evaluation found best (`eval.json`), unless `--threshold` is given. The CAMs run
+through the evaluator (`jaxseg.evaluate`): on several hosts each writes the PNGs of its share.
 
 `--crf voc` (or `coco`) refines the PNGs with WeakTr's dense CRF of that dataset, as the official
 pseudo-labels (`jaxseg.wsss.crf.PSEUDO_LABEL_CRF`: unary from the labels with gt_prob 0.7 over the
@@ -49,8 +50,9 @@ from jaxseg.convert.params_io import load_params
 from jaxseg.data.datasets import LABEL_SPACES, FirstExamples, image_name
 from jaxseg.evaluate import Evaluator, merge_across_hosts
 from jaxseg.methods.weaktr import PSEUDO_LABEL_THRESHOLD, CamPredictor
+from jaxseg.methods.weaktr.predictors import PREDICTOR_CAM_KINDS
 from jaxseg.metrics.accumulators import CamSweepMetric, SemanticMetric
-from jaxseg.models.weaktr import CAM_KINDS, WeakTr
+from jaxseg.models.weaktr import WeakTr
 from jaxseg.runs import load_run
 from jaxseg.train.checkpoint import check_tree_names, restore_params
 from jaxseg.visualize import label_png
@@ -119,7 +121,7 @@ def parser() -> cli.ArgumentParser:
                         help="label space of the dataset's semantic maps (default: the run's config, "
                         "else categories)")
     parser.add_argument("--scales", type=float, nargs="+", help=f"default: the run's, else {DEFAULT_SCALES}")
-    parser.add_argument("--cam_kind", choices=CAM_KINDS,
+    parser.add_argument("--cam_kind", choices=PREDICTOR_CAM_KINDS,
                         help="which CAM makes the labels (WeakTr's --attention-type; default: the run's, else fused)")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction,
                         help="refine the CAMs by the patch attention, R = PA . M (default: the run's, else yes)")
@@ -255,6 +257,8 @@ def make_pseudo_labels(args) -> int:
         network, num_foreground, args.ground_truth or run_labels or "categories",
         scales=args.scales or settings.get("scales", DEFAULT_SCALES),
         cam_kind=args.cam_kind or settings.get("cam_kind", "fused"),
+        gradient_score=settings.get("gradient_score", "cls"),
+        gradient_start_layer=settings.get("gradient_start_layer"),
         refine=settings.get("refine", True) if args.refine is None else args.refine,
         threshold=next(t for t in (args.threshold, run_threshold, PSEUDO_LABEL_THRESHOLD) if t is not None))
     source = cli.open_split(args.dataset, args.data_dir, args.split)

@@ -1,7 +1,8 @@
 """WeakTr (or MCTformer) stage 1: CAMs from image-level labels. The three soft-margin losses, AdamW with
 timm's per-epoch cosine, timm's training augmentation (or flips only, `augmentation`); predictions are
 multi-scale + flip CAMs and their pseudo-labels (`predictors`). Recipe values: docs/weaktr.md ("Stage-1
-training recipe")."""
+training recipe"). Optionally TransMix (`transmix`, off by default): CutMix batches whose labels are
+weighted by the class tokens' last-layer attention over the pasted box (`jaxseg.losses.transmix`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,12 @@ from jaxseg.data.augment.timm import STAGE1_AUGMENTATIONS, weaktr_stage1_example
 from jaxseg.data.datasets import DataConfig
 from jaxseg.errors import UserError
 from jaxseg.losses.multilabel import cam_loss
+from jaxseg.losses.transmix import TransMixConfig, cutmix, mix_labels, sample_box, transmix_lambda
 from jaxseg.methods.base import check_crop_fits_patches, choose
 from jaxseg.methods.weaktr.predictors import CamPredictor
 from jaxseg.metrics.accumulators import CamSweepMetric
+from jaxseg.models.vit import ViT
+from jaxseg.models.vit_taps import tap_attention
 from jaxseg.models.weaktr import WeakTr
 from jaxseg.train.optim import Schedule, adamw_groups
 
@@ -60,7 +64,8 @@ class WeakTrOptimizer:
 @dataclasses.dataclass
 class WeakTrMethod:
     """`steps_per_epoch` paces the schedule (the run is a whole number of epochs); C = the model's
-    `num_classes` foreground classes, the first C entries of the dataset's image labels."""
+    `num_classes` foreground classes, the first C entries of the dataset's image labels; `transmix`:
+    TransMix on CutMix batches (`transmix_loss`), off unless `transmix.prob` > 0."""
     network_class: ClassVar[type] = WeakTr
     label_space: ClassVar[str] = "wsss"  # pseudo-labels: background 0, foreground class c as c + 1
     optimizer_class: ClassVar[type] = WeakTrOptimizer
@@ -74,6 +79,7 @@ class WeakTrMethod:
     steps_per_epoch: int = setting(1, ">= 1")
     crop_size: int = setting(224, ">= 1")
     augmentation: str = "timm"
+    transmix: TransMixConfig = TransMixConfig()
 
     def __post_init__(self):
         check_rules(self)
@@ -86,6 +92,9 @@ class WeakTrMethod:
                             f"method.steps_per_epoch={self.steps_per_epoch} steps")
         if self.augmentation not in STAGE1_AUGMENTATIONS:  # fail here, not in the data workers
             raise UserError(f"method.augmentation must be one of {STAGE1_AUGMENTATIONS}, got {self.augmentation!r}")
+        if self.transmix.prob and self.model["encoder"].get("remat"):
+            raise UserError("method.transmix reads the last block's attention, which a rematerialised encoder "
+                            "hides: set model.encoder.remat=False or method.transmix.prob=0")
 
     def init_params(self, rng: jax.Array) -> Any:
         return self.network.init({"params": rng}, jnp.zeros((1, self.crop_size, self.crop_size, 3)))["params"]
@@ -94,8 +103,32 @@ class WeakTrMethod:
         return self.optimizer.build(params, self.steps_per_epoch, self.total_steps // self.steps_per_epoch)
 
     def loss(self, params: Any, batch: dict, rng: jax.Array, step: jax.Array):
-        out = self.network.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-        return cam_loss(out, batch["labels"])
+        if not self.transmix.prob:
+            out = self.network.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+            return cam_loss(out, batch["labels"])
+        mix_rng, rng = jax.random.split(rng)
+        box = sample_box(mix_rng, batch["image"].shape[1:3], self.transmix.prob, self.transmix.alpha)
+        return self.transmix_loss(params, batch, box, rng)
+
+    def transmix_loss(self, params: Any, batch: dict, box: jax.Array, rng: jax.Array):
+        """The stage-1 loss of the batch CutMixed with `box` (yl, yh, xl, xh) (an empty box: no mix), its
+        labels mixed with TransMix weights (`jaxseg.losses.transmix`). The official reads its one class
+        token's attention; WeakTr has one class token per class, and class c's weight comes from token
+        c's last-layer attention over the patches, averaged over the heads (`transmix.attention=
+        "per_class"`: the token trained to find class c tells how much of class c the box holds), or one
+        weight for every class from the mean of the C tokens' attention ("mean")."""
+        images = cutmix(batch["image"], box)
+        classes, encoder = self.num_classes, ViT(**self.model["encoder"])
+        out, (tap,) = tap_attention(
+            lambda: self.network.apply({"params": params}, images, train=True, rngs={"dropout": rng}),
+            layers=(encoder.depth - 1,))
+        attention = tap["probs"][:, :, :classes, classes:].mean(1)  # (B, C, P)
+        if self.transmix.attention == "mean":
+            attention = attention.mean(1, keepdims=True)
+        grid = (images.shape[1] // encoder.patch_size, images.shape[2] // encoder.patch_size)
+        lam = transmix_lambda(attention, box, images.shape[1:3], grid)
+        loss, terms = cam_loss(out, mix_labels(batch["labels"], lam))
+        return loss, {**terms, "transmix_lambda": lam.mean()}
 
     def train_transform(self, example: dict, rng: np.random.Generator) -> dict:
         example = {"image": np.asarray(example["image"]),
