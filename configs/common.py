@@ -118,8 +118,8 @@ def evaluation(split: str, predictor: dict, metrics: dict, *, every: int = 0, ba
 def train_section(runlocal: bool, *, total_steps: int, batch_size: int, **values) -> dict:
     """Run length, batch, seed, logging and checkpoint cadence, init checkpoint, overlays."""
     return dict(dict(total_steps=total_steps, batch_size=batch_size, seed=0, log_every=25 if runlocal else 100,
-                     checkpoint_every=100 if runlocal else 1000, max_to_keep=3, init_checkpoint="", init_into="",
-                     requires_init_checkpoint=False, num_overlays=8, worker_count=0), **values)
+                     checkpoint_every=100 if runlocal else 1000, max_to_keep=3, init_checkpoint="", init_from="",
+                     init_into="", requires_init_checkpoint=False, num_overlays=8, worker_count=0), **values)
 
 
 def parallel_section(mesh: tuple = (("data", -1), ("fsdp", 1), ("tensor", 1))) -> dict:

@@ -96,12 +96,16 @@ class NestedToyMethod(ToyMethod):
         return loss + params["head"]["b"] ** 2, metrics
 
 
-class FrozenNestedToyMethod(NestedToyMethod):
+class FrozenToyMethod(ToyMethod):
     """Never moves its parameters: a run of it ends with the parameters it started from (TrainConfig
     requires total_steps >= 1, so a run cannot be zero steps long)."""
 
     def optimizer_for(self, params):
         return optax.set_to_zero()
+
+
+class FrozenNestedToyMethod(FrozenToyMethod, NestedToyMethod):
+    pass
 
 
 def test_fresh_run_starts_from_an_init_checkpoint_subtree(tmp_path):
@@ -110,6 +114,17 @@ def test_fresh_run_starts_from_an_init_checkpoint_subtree(tmp_path):
                      init_checkpoint=str(tmp_path / "pre"), init_into="encoder").run()
     np.testing.assert_array_equal(state.params["encoder"]["w"], pretrained.params["w"])
     assert float(state.params["head"]["b"]) == 0.0
+
+
+def test_fresh_run_starts_from_a_subtree_of_another_run(tmp_path):
+    """`init_from` takes the encoder of a run of another model (as a WeakTr run's ViT for EoMT)."""
+    pretrained = _trainer(NestedToyMethod(), tmp_path / "pre", total_steps=30, checkpoint_every=30).run()
+    state = _trainer(FrozenToyMethod(), tmp_path / "fine", total_steps=1, init_checkpoint=str(tmp_path / "pre"),
+                     init_from="encoder").run()
+    np.testing.assert_array_equal(state.params["w"], pretrained.params["encoder"]["w"])
+    with pytest.raises(KeyError, match=r"init_from='decoder'.*has no 'decoder' \(there: \['encoder', 'head'\]\)"):
+        _trainer(FrozenToyMethod(), tmp_path / "fine2", total_steps=1, init_checkpoint=str(tmp_path / "pre"),
+                 init_from="decoder").run()
 
 
 def test_init_checkpoint_of_another_model_names_the_differences(tmp_path):

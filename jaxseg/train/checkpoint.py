@@ -22,7 +22,7 @@ import logging
 import os
 import pathlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax
@@ -32,7 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxseg.convert.state_dict import WeightConversionError, shape_diff
-from jaxseg.errors import UserError
+from jaxseg.errors import UnknownKeyError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +232,13 @@ def check_state_fits(abstract_state: Any, stored_state: Any, what: str, max_line
 
 
 def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any = None,
-                   step: int | None = None, with_step: bool = False) -> Any:
+                   step: int | None = None, with_step: bool = False, subtree: str = "") -> Any:
     """Parameters (state["params"]) of step `step` (default: the newest usable) of a run directory or
     checkpoints directory written by `Checkpointer`, checked name by name against `abstract_params` and read straight
     into `shardings` (a tree of shardings like the params; default: one device), so that no host ever
-    holds a whole model it shards; other state (optimizer, data iterator) is not read. `with_step`:
-    (params, the step read)."""
+    holds a whole model it shards; other state (optimizer, data iterator) is not read. `subtree`: only the
+    "/"-separated subtree of the stored params (e.g. "encoder"), which `abstract_params` then describes.
+    `with_step`: (params, the step read)."""
     path = pathlib.Path(path).absolute()
     abstract_params = flax.linen.unbox(abstract_params)  # logical-axis boxes are metadata, not stored
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -247,12 +248,17 @@ def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any
         abstract_params = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params,
             flax.linen.unbox(shardings))
-    target = {"params": abstract_params}
+    path_names = [name for name in subtree.split("/") if name]
+    target = abstract_params
+    for name in reversed(path_names):
+        target = {name: target}
+    target = {"params": target}
     manager = _reader(checkpoints)
 
     def restore_step(candidate: int):
-        check_tree_names(abstract_params, _stored_state(manager, candidate, ("state",))["params"],
-                         f"checkpoint {checkpoints}/{candidate}")
+        where = f"checkpoint {checkpoints}/{candidate}"
+        check_tree_names(abstract_params, params_subtree(_stored_state(manager, candidate, ("state",))["params"],
+                                                         subtree, where), where)
         try:
             return manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -264,8 +270,18 @@ def restore_params(path: str | os.PathLike, abstract_params: Any, shardings: Any
         step, restored, _ = _restore_newest(manager, step, restore_step, str(checkpoints))
     finally:
         manager.close()
-    params = restored["state"]["params"]
+    params = params_subtree(restored["state"]["params"], subtree, str(checkpoints))
     return (params, step) if with_step else params
+
+
+def params_subtree(params: Any, subtree: str, where: str) -> Any:
+    """The "/"-separated `subtree` of `params` ("" = all of it), or an error naming the names there are."""
+    for name in (name for name in subtree.split("/") if name):
+        if not isinstance(params, Mapping) or name not in params:
+            names = sorted(params) if isinstance(params, Mapping) else []
+            raise UnknownKeyError(f"train.init_from={subtree!r}: {where} has no {name!r} (there: {names})")
+        params = params[name]
+    return params
 
 
 def check_resumable(workdir: str | os.PathLike, abstract_state: Any) -> bool:
@@ -292,17 +308,19 @@ def check_resumable(workdir: str | os.PathLike, abstract_state: Any) -> bool:
     return bool(steps)
 
 
-def load_init_params(path: str | os.PathLike, abstract_params: Any) -> Any:
+def load_init_params(path: str | os.PathLike, abstract_params: Any, subtree: str = "") -> Any:
     """Parameters to start a run from: the latest params of a jaxseg run (or its checkpoints
     directory), or a converted params file / directory (`jaxseg.convert.params_io`, e.g. a timm ViT for
-    an encoder), checked name by name against `abstract_params` (a loud diff when they differ)."""
+    an encoder), or their "/"-separated `subtree` (e.g. the "encoder" of a WeakTr run), checked name by
+    name against `abstract_params` (a loud diff when they differ)."""
     from jaxseg.convert.params_io import PARAMS_DIR, load_params
 
     path = pathlib.Path(path)
     if path.is_file() or (path / PARAMS_DIR).is_dir():
         _, params = load_params(path)
+        params = params_subtree(params, subtree, f"params {path}")
         check_tree_names(flax.linen.unbox(abstract_params), params, f"params {path}")
         return params
     if not path.is_dir():
         raise FileNotFoundError(f"init checkpoint {path} does not exist")
-    return restore_params(path, abstract_params)
+    return restore_params(path, abstract_params, subtree=subtree)

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A config's `train` section. `init_checkpoint`: params to start a fresh run from (a run directory or
-    a converted params file), placed at the "/"-separated subtree `init_into` of the model's params (""
+    a converted params file), its "/"-separated subtree `init_from` ("" = all of it; e.g. "encoder" to take
+    the ViT of a WeakTr or EoMT run) placed at the subtree `init_into` of the model's params (""
     = the whole tree); `requires_init_checkpoint`: the recipe fine-tunes pretrained weights and refuses
     to start without them; `num_overlays`: examples of the first evaluation's split drawn to
     WORKDIR/overlays/step_<N>/ after training (0: none); `worker_count`: grain worker processes."""
@@ -50,6 +51,7 @@ class TrainConfig:
     checkpoint_every: int = setting(100, ">= 1")
     max_to_keep: int = setting(3, ">= 1")
     init_checkpoint: str = ""
+    init_from: str = ""
     init_into: str = ""
     requires_init_checkpoint: bool = False
     num_overlays: int = setting(8, ">= 0")
@@ -166,10 +168,11 @@ class Trainer:
                                       f"{sorted(subtree)}")
             subtree, subtree_shardings = subtree[name], subtree_shardings[name]
         abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), subtree)
-        loaded = load_init_params(self.config.init_checkpoint, abstract)
+        loaded = load_init_params(self.config.init_checkpoint, abstract, self.config.init_from)
         loaded = jax.tree_util.tree_map(lambda x, a, s: jax.device_put(np.asarray(x, a.dtype), s),
                                         loaded, abstract, subtree_shardings)
-        log.info("initialised %s from %s", self.config.init_into or "all params", self.config.init_checkpoint)
+        log.info("initialised %s from %s%s", self.config.init_into or "all params", self.config.init_checkpoint,
+                 f" ({self.config.init_from})" if self.config.init_from else "")
         if not path:
             return loaded
         params = flax.core.unfreeze(params)
