@@ -22,6 +22,7 @@ METHODS = {
     "weaktr": "jaxseg.methods.weaktr:WeakTrMethod",
     "segmenter": "jaxseg.methods.segmenter:SegmenterMethod",
     "prompt_cam": "jaxseg.methods.prompt_cam:PromptCamMethod",
+    "setr": "jaxseg.methods.setr:SetrMethod",
 }
 
 
