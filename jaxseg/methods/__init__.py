@@ -23,6 +23,7 @@ METHODS = {
     "segmenter": "jaxseg.methods.segmenter:SegmenterMethod",
     "prompt_cam": "jaxseg.methods.prompt_cam:PromptCamMethod",
     "setr": "jaxseg.methods.setr:SetrMethod",
+    "afa": "jaxseg.methods.afa:AfaMethod",
 }
 
 

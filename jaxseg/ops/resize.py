@@ -1,4 +1,4 @@
-"""Resizing with PyTorch's `F.interpolate` semantics (align_corners=False).
+"""Resizing with PyTorch's `F.interpolate` semantics (align_corners=False; True for plain bilinear).
 
 `jax.image.resize` differs from PyTorch where parity matters: it antialiases every downsample, its
 cubic kernel uses Keys' a=-0.5 where PyTorch's plain bicubic uses a=-0.75, and it treats borders
@@ -54,6 +54,20 @@ def _plain_matrix(in_size: int, out_size: int, method: str, scale: float | None 
     return mat
 
 
+def _aligned_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """PyTorch's bilinear `align_corners=True`: the corner pixels of input and output coincide, source index
+    i * (in - 1) / (out - 1) (0 for a single output)."""
+    src = np.arange(out_size) * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
+    left = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    frac = src - left
+    right = np.minimum(left + 1, in_size - 1)
+    mat = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    np.add.at(mat, (rows, left), 1.0 - frac)
+    np.add.at(mat, (rows, right), frac)
+    return mat
+
+
 def _pil_filter(x: float, method: str) -> float:
     """Pillow's bilinear and bicubic (a = -0.5) filters, in its order of operations."""
     x = abs(x)
@@ -100,16 +114,22 @@ def _antialiased_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def interpolation_matrix(in_size: int, out_size: int, method: str = "bilinear",
-                         antialias: bool = False, scale_factor: float | None = None) -> np.ndarray:
+                         antialias: bool = False, scale_factor: float | None = None,
+                         align_corners: bool = False) -> np.ndarray:
     """(out_size, in_size) float64 matrix M with resize(x) = M @ x along one axis.
 
     `scale_factor` reproduces `F.interpolate(scale_factor=...)`, whose sampling positions follow the given
-    factor rather than out/in (the output size is still floor(in * factor)); plain resizing only."""
+    factor rather than out/in (the output size is still floor(in * factor)); plain resizing only.
+    `align_corners`: `F.interpolate(..., align_corners=True)`, plain bilinear only (PAR resizes its CAMs so)."""
     if method not in METHODS:
         raise UserError(f"resize method must be one of {METHODS}, got {method!r}")
     if in_size < 1 or out_size < 1:
         raise UserError(f"resize sizes must be positive, got {in_size} -> {out_size}")
-    if scale_factor is not None:
+    if align_corners:
+        if method != "bilinear" or antialias or scale_factor is not None:
+            raise UserError("align_corners is supported for plain bilinear resizing to a size only")
+        mat = _aligned_matrix(in_size, out_size)
+    elif scale_factor is not None:
         if antialias:
             raise UserError("scale_factor is supported for plain (non-antialiased) resizing only")
         mat = _plain_matrix(in_size, out_size, method, 1.0 / scale_factor)
@@ -123,9 +143,9 @@ def interpolation_matrix(in_size: int, out_size: int, method: str = "bilinear",
 
 def resize(x: jax.Array, size: Sequence[int], *, method: str = "bilinear",
            antialias: bool = False, axes: Sequence[int] = (-3, -2),
-           scale_factors: Sequence[float] | None = None) -> jax.Array:
+           scale_factors: Sequence[float] | None = None, align_corners: bool = False) -> jax.Array:
     """Resize `x` along `axes` (default: H, W of an NHWC array) to `size`, like
-    `torch.nn.functional.interpolate(..., mode=method, align_corners=False, antialias=antialias)`;
+    `torch.nn.functional.interpolate(..., mode=method, align_corners=align_corners, antialias=antialias)`;
     with `scale_factors`, like `interpolate(scale_factor=...)` whose output size is `size`."""
     if len(size) != len(axes) or (scale_factors is not None and len(scale_factors) != len(axes)):
         raise UserError(f"size {tuple(size)} must give one length per resized axis {tuple(axes)}")
@@ -134,7 +154,8 @@ def resize(x: jax.Array, size: Sequence[int], *, method: str = "bilinear",
         factor = None if scale_factors is None else float(scale_factors[i])
         if in_size == out_size and factor in (None, 1.0):
             continue  # every method here is the identity at scale 1
-        x = apply_matrix(x, interpolation_matrix(in_size, int(out_size), method, antialias, factor), axis)
+        x = apply_matrix(x, interpolation_matrix(in_size, int(out_size), method, antialias, factor, align_corners),
+                         axis)
     return x
 
 

@@ -93,11 +93,12 @@ def multiscale_cams(cam_fn: CamFn, image: Array, labels: Array, patch_size: int,
     return total
 
 
-def normalize_cams(cams: Array, labels: Array) -> Array:
-    """Per-class min-max normalisation to [0, 1] of (C, H, W) CAMs; absent classes are 0."""
+def normalize_cams(cams: Array, labels: Array, eps: float = 1e-8) -> Array:
+    """Per-class min-max normalisation to [0, 1] of (C, H, W) CAMs, (x - min) / (max - min + eps); absent
+    classes are 0. WeakTr's eps is 1e-8, AFA's 1e-5."""
     low = cams.min((1, 2), keepdims=True)
     high = cams.max((1, 2), keepdims=True)
-    normalized = (cams - low) / (high - low + 1e-8)
+    normalized = (cams - low) / (high - low + eps)
     return jnp.where(jnp.asarray(labels, bool)[:, None, None], normalized, 0.0)
 
 
