@@ -18,6 +18,7 @@ from jaxseg.ops.resize import pil_resize, resize
 from jaxseg.testing.references.timm_vit import rel_err
 from jaxseg.testing.references.weaktr import TINY, official_image_cams, random_torch_weaktr
 from jaxseg.wsss.cam import multiscale_cams, normalize_cams, pseudo_label, refine
+from jaxseg.wsss.par import par
 
 RNG = np.random.default_rng(0)
 
@@ -112,6 +113,22 @@ def test_predictor_cam_kind_reaches_the_cams(official_pair):
     assert rel_err(out["cams"][0], expected["cams"]) <= 1e-5 * _level_over_range(expected["sum_cam"][labels > 0])
     with pytest.raises(ValueError, match="cam_kind must be one of"):
         CamPredictor(WeakTr(**config), 5, "wsss", cam_kind="attention")
+
+
+def test_predictor_par_refines_the_normalised_cams(official_pair):
+    """`par=True`: the predictor's CAMs are its plain CAMs refined by PAR (`jaxseg.wsss.par`, tested against
+    AFA's reference in tests/test_afa_parity.py) and normalised again, inside the same jitted program."""
+    torch_model, _ = official_pair
+    config, params = from_official_weaktr(torch_model.state_dict(), num_heads=OFFICIAL["num_heads"])
+    image, labels = _uint8_image(40, 48), np.array([0, 1, 1, 0, 0], np.float32)
+    outputs = {}
+    for with_par in (False, True):
+        predictor = CamPredictor(WeakTr(**config), 5, "wsss", scales=(1.0,), par=with_par)
+        prepared = jax.tree_util.tree_map(lambda x: x[None], predictor.prepare({"image": image, "labels": labels}))
+        outputs[with_par] = jax.jit(predictor.predict)(params, prepared)["cams"][0]
+    expected = normalize_cams(par(jnp.asarray(image[None], jnp.float32) / 255, outputs[False][None])[0], labels)
+    np.testing.assert_allclose(outputs[True], expected, rtol=1e-5, atol=1e-6)
+    assert rel_err(outputs[True], outputs[False]) > 1e-2  # PAR moved them
 
 
 def test_refine_is_the_patch_affinity_product():

@@ -101,11 +101,12 @@ def test_make_pseudo_labels_end_to_end(scenes, tmp_path):
     command = [sys.executable, str(ROOT / "tools" / "make_pseudo_labels.py"), "--checkpoint",
                str(tmp_path / "run"), "--model_config", str(tmp_path / "model.json"), "--data_dir",
                str(data_dir), "--dataset", dataset, "--out_dir", str(tmp_path / "out"), "--num_foreground",
-               str(NUM_THINGS), "--sweep", "0.3", "0.5", "--cam_kind", "cross"]
+               str(NUM_THINGS), "--sweep", "0.3", "0.5", "--cam_kind", "cross", "--par"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=hang_guard(300), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_pseudo_labels(tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["cam_kind"] == "cross"
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["cam_kind"] == "cross" and report["par"] is True
     again = subprocess.run(command, capture_output=True, text=True, timeout=hang_guard(300), cwd=ROOT)
     assert again.returncode == 2 and "not empty" in again.stderr  # never overwrites silently
 

@@ -18,7 +18,8 @@ categories -> background 0; "wsss" when the dataset's labels already are backgro
 as VOC's), and the CAM predictor's settings: which CAM (`--cam_kind`: WeakTr's fused CAM, the conv
 head's "patchcam", the cross attention alone, "cross", or GETAM's gradient-weighted attention,
 "gradient_attention", with the run's `gradient_score` / `gradient_start_layer`), whether the CAMs are
-refined by the patch attention (`--refine` / `--no-refine`) and the scales (`--scales`), default the
+refined by the patch attention (`--refine` / `--no-refine`), whether PAR refines them over the image's
+colours (`--par`, AFA's pixel-adaptive refinement) and the scales (`--scales`), default the
 run's evaluation's, else the fused CAM, refined, at 1.0 and 1.2. The PNGs take the background threshold
 that the run's last CAM evaluation found best (`eval.json`), unless `--threshold` is given. The CAMs run
 through the evaluator (`jaxseg.evaluate`): on several hosts each writes the PNGs of its share.
@@ -125,6 +126,9 @@ def parser() -> cli.ArgumentParser:
                         help="which CAM makes the labels (WeakTr's --attention-type; default: the run's, else fused)")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction,
                         help="refine the CAMs by the patch attention, R = PA . M (default: the run's, else yes)")
+    parser.add_argument("--par", action=argparse.BooleanOptionalAction,
+                        help="refine the normalised CAMs by PAR over the image's colours (AFA's; jaxseg.wsss.par; "
+                             "default: the run's, else no)")
     parser.add_argument("--threshold", type=float,
                         help="background threshold of the PNGs (default: the best of the run's last CAM "
                         f"evaluation, CHECKPOINT/eval.json, else {PSEUDO_LABEL_THRESHOLD})")
@@ -260,6 +264,7 @@ def make_pseudo_labels(args) -> int:
         gradient_score=settings.get("gradient_score", "cls"),
         gradient_start_layer=settings.get("gradient_start_layer"),
         refine=settings.get("refine", True) if args.refine is None else args.refine,
+        par=settings.get("par", False) if args.par is None else args.par,
         threshold=next(t for t in (args.threshold, run_threshold, PSEUDO_LABEL_THRESHOLD) if t is not None))
     source = cli.open_split(args.dataset, args.data_dir, args.split)
     count = min(len(source), args.limit or len(source))
@@ -274,7 +279,8 @@ def make_pseudo_labels(args) -> int:
         results = evaluator.run(params, FirstExamples(source, count), on_prediction=writer.add)
         results.update(writer.finish())
     report = dict(results, seconds=time.perf_counter() - start, threshold=predictor.threshold,
-                  cam_kind=predictor.cam_kind, refined=predictor.refine, scales=list(predictor.scales))
+                  cam_kind=predictor.cam_kind, refined=predictor.refine, par=predictor.par,
+                  scales=list(predictor.scales))
     if args.crf:
         report.update(crf=args.crf, crf_backend=backend)
     if jax.process_index() == 0:

@@ -1,7 +1,8 @@
 """WeakTr's CAM predictor: multi-scale + flip CAMs of each image at its own size, as the official engine
 (`jaxseg.wsss.cam`), of one of the three kinds of the original's `attention_type`
 (`jaxseg.models.weaktr.select_cam`) or GETAM's gradient-weighted attention (`jaxseg.wsss.gradient_attention`),
-refined by the patch attention or not, min-max normalised per present class, and the pseudo-label map at a
+refined by the patch attention or not, min-max normalised per present class, optionally refined by PAR
+over the image's colours (`jaxseg.wsss.par`, AFA's) and normalised again, and the pseudo-label map at a
 background threshold. The model's input follows the image size, so images are batched with others of their
 shape (the evaluator's own-shape mode)."""
 from __future__ import annotations
@@ -17,8 +18,9 @@ from jaxseg.errors import UserError
 from jaxseg.models.vit import ViT
 from jaxseg.models.weaktr import CAM_KINDS, select_cam
 from jaxseg.ops.image import normalize
-from jaxseg.wsss.cam import image_cams, pseudo_label, view_sizes, wsss_semantic
+from jaxseg.wsss.cam import image_cams, normalize_cams, pseudo_label, view_sizes, wsss_semantic
 from jaxseg.wsss.gradient_attention import gradient_attention
+from jaxseg.wsss.par import par
 
 # Background threshold of the pseudo-labels where a run has not measured a better one (WeakTr's for VOC).
 PSEUDO_LABEL_THRESHOLD = 0.43
@@ -35,13 +37,14 @@ class CamPredictor:
     example's image-level labels, cut to the C classes) or "predicted" (the classes whose mean sigmoid of
     the class-token and coarse-CAM logits on the image exceeds 0.5). For "gradient_attention":
     `gradient_score`, the logits differentiated ("cls": the class tokens', "coarse": the conv head's), and
-    `gradient_start_layer`, the first block summed (None: half the depth, GETAM's 6 of 12)."""
+    `gradient_start_layer`, the first block summed (None: half the depth, GETAM's 6 of 12). `par`: the
+    normalised CAMs refined by PAR at its official settings, then normalised again."""
     fixed_shape = False
 
     def __init__(self, network, num_classes: int, label_space: str,
                  scales: Sequence[float] = (1.0, 1.2), cam_kind: str = "fused", refine: bool = True,
                  threshold: float = PSEUDO_LABEL_THRESHOLD, labels: str = "given",
-                 gradient_score: str = "cls", gradient_start_layer: int | None = None):
+                 gradient_score: str = "cls", gradient_start_layer: int | None = None, par: bool = False):
         if labels not in LABEL_SOURCES:
             raise UserError(f"the CAM predictor's labels must be one of {LABEL_SOURCES}, got {labels!r}")
         if cam_kind not in PREDICTOR_CAM_KINDS:
@@ -57,7 +60,7 @@ class CamPredictor:
                             f"{depth}-block encoder, got {gradient_start_layer}")
         self.network, self.num_classes, self.label_space = network, num_classes, label_space
         self.scales, self.cam_kind, self.refine = tuple(scales), cam_kind, refine
-        self.threshold, self.labels = threshold, labels
+        self.threshold, self.labels, self.par = threshold, labels, par
         self.gradient_score = gradient_score
         self.gradient_start_layer = depth // 2 if gradient_start_layer is None else gradient_start_layer
         self.patch = network.encoder["patch_size"]
@@ -110,6 +113,8 @@ class CamPredictor:
         def one(image, labels):
             present = self._predicted_labels(params, image) if labels is None else labels
             cams = image_cams(cam_fn, image, present, self.patch, self.scales)
+            if self.par:
+                cams = normalize_cams(par(image[None].astype(jnp.float32) / 255, cams[None])[0], present)
             return {"cams": cams, "present": present, "semantic": pseudo_label(cams, present, self.threshold)}
         return jax.vmap(one)(batch["image"], batch.get("labels"))
 
