@@ -1,13 +1,8 @@
 """Where Prompt-CAM's trait maps look, against the backbone's own class-token attention, on a run's split.
 
-    python benchmarks/bench_prompt_cam.py export --run BACKBONE_RUN --out ENCODER.msgpack
     python benchmarks/bench_prompt_cam.py measure --run PROMPT_CAM_RUN [--split validation]
 
-`export` saves the encoder of a run (e.g. WeakTr stage 1 on the scenes) as a params file with its model
-config, which a Prompt-CAM run takes as `train.init_checkpoint` (with `train.init_into=encoder`): the
-trainer reads a run directory only as a whole model.
-
-`measure` runs the run's evaluation twice over the split, with the predictor's two sources
+It runs the run's evaluation twice over the split, with the predictor's two sources
 (`jaxseg.methods.prompt_cam.TraitMapPredictor`): "prompts", each present class's prompt attention in the
 last block (the trait maps), and "class_token", the frozen backbone's own class-token attention in its
 last block without prompts (WeakTr's encoder has one class token per class: token c for class c). For
@@ -24,15 +19,6 @@ import sys
 import time
 
 import jax
-
-
-def export(run_dir: str, out: str) -> None:
-    from jaxseg.convert.params_io import save_params
-    from jaxseg.runs import load_run
-
-    run = load_run(run_dir)
-    path = save_params(out, run.config.model.encoder.to_dict(), jax.device_get(run.params["encoder"]))
-    print(f"wrote the encoder of {run_dir} (step {run.step}) to {path}")
 
 
 def measure(run_dir: str, split: str) -> dict:
@@ -69,17 +55,11 @@ def measure(run_dir: str, split: str) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    export_parser = commands.add_parser("export", help="save a run's encoder as a params file")
-    export_parser.add_argument("--run", required=True)
-    export_parser.add_argument("--out", required=True)
     measure_parser = commands.add_parser("measure", help="trait maps against class-token attention")
     measure_parser.add_argument("--run", required=True)
     measure_parser.add_argument("--split", default="validation")
     measure_parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    if args.command == "export":
-        export(args.run, args.out)
-        return
     results = measure(args.run, args.split)
     if args.json:
         with open(args.json, "w") as f:

@@ -3,12 +3,12 @@ classes, several per image): class prompts and a shared scorer trained on a froz
 image-level labels, trait maps scored as CAMs and by the share of their attention inside each class.
 
 The backbone is the encoder of a WeakTr stage-1 run on the same scenes (`configs/weaktr/scenes_cam.py`,
-the same form: its encoder section is this config's), saved as a params file:
+the same form: its encoder section is this config's), taken from the run with `train.init_from=encoder`:
 
     python tools/train.py --config configs/weaktr/scenes_cam.py:runlocal --workdir /tmp/pc_backbone
-    python benchmarks/bench_prompt_cam.py export --run /tmp/pc_backbone --out /tmp/pc_backbone/encoder.msgpack
     python tools/train.py --config configs/prompt_cam/scenes.py:runlocal --workdir /tmp/pc_run \\
-        --set train.init_checkpoint=/tmp/pc_backbone/encoder.msgpack --set data.data_dir=/tmp/pc_backbone/data
+        --set train.init_checkpoint=/tmp/pc_backbone --set train.init_from=encoder \\
+        --set data.data_dir=/tmp/pc_backbone/data
     python benchmarks/bench_prompt_cam.py measure --run /tmp/pc_run       # trait maps vs class tokens
     python tools/predict.py --workdir /tmp/pc_run --dataset_split validation --out_dir /tmp/pc_traits
 
