@@ -44,8 +44,8 @@ RUNS = {
     "weaktr": ("configs/weaktr/scenes_cam.py:runlocal",
                ["train.total_steps=2", "train.log_every=2", "method.steps_per_epoch=1", "model.reduction=2"]),
     "segmenter": ("configs/segmenter/scenes.py:runlocal",
-                  ["train.total_steps=2", "train.log_every=2", "method.base_size=35", "model.decoder_heads=2",
-                   "model.decoder_mlp_dim=64"]),
+                  ["train.total_steps=2", "train.log_every=2", "optimizer.warmup_steps=1", "method.base_size=35",
+                   "model.decoder_heads=2", "model.decoder_mlp_dim=64"]),
 }
 
 
