@@ -8,6 +8,7 @@ keyword arguments of one constructor (`jaxseg.config`):
   data       `jaxseg.data.datasets.DataConfig`
   evals      {name: `jaxseg.evaluate.EvalConfig`}
   train      `jaxseg.train.trainer.TrainConfig`
+  pretrained `jaxseg.train.pretrained.PretrainedConfig` (optional: an encoder pretrained on first use)
   parallel   `jaxseg.parallel.MeshConfig`
 
 The method and optimizer sections list every field with its value (defaults included), so that every
@@ -92,6 +93,24 @@ def predictor_section(method: str, kind: str, **values) -> dict:
 def metrics_section(method: str, *kinds: str) -> dict:
     """An evaluation's `metrics` section: every setting of each metric kind."""
     return {kind: _defaults(choose(method_class(method).metrics, kind, "metric"), {}) for kind in kinds}
+
+
+def scenes_encoder(runlocal: bool) -> dict:
+    """The ViT size of every scenes config and of their pretraining (`configs/pretrain/scenes_mae.py`), in
+    one place so that the pretrained encoder always fits them; a model adds only layout (WeakTr's class
+    tokens, no final norm) and regularisation. One class token and a position embedding over it and the
+    patches (MAE's and DeiT's layout, no registers)."""
+    width, depth, heads = (64, 4, 4) if runlocal else (192, 12, 3)
+    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=8,
+                posemb_grid=(8, 8) if runlocal else (16, 16))
+
+
+def scenes_pretrained(runlocal: bool, **values) -> dict:
+    """The `pretrained` section of the scenes configs: the MAE encoder of `configs/pretrain/scenes_mae.py`
+    (same size argument), built on first use and cached (`jaxseg.train.pretrained`); `config=""` trains
+    from scratch."""
+    spec = "configs/pretrain/scenes_mae.py" + (":runlocal" if runlocal else "")
+    return dict(dict(config=spec, overrides=()), **values)
 
 
 def scenes_data(runlocal: bool, *, colour_coded: bool = False, **values) -> dict:
@@ -284,7 +303,8 @@ def scenes_segmenter(arg: str, *, colour_coded: bool = False, clipping: bool = F
     plain Segmenter instead of the mask transformer."""
     choice, runlocal = parse_arg(arg, ("linear",))
     decoder = "linear" if choice else "mask_transformer"
-    width, depth, heads = (64, 4, 4) if runlocal else (192, 12, 3)
+    encoder = scenes_encoder(runlocal)
+    width, heads = encoder["width"], encoder["num_heads"]
     crop = 64 if runlocal else 128
     # 400 default scenes are overfitted before the model leaves the background prior; the colour-coded
     # ones are stage 1's dataset, whose pseudo-labels stage 2 reads.
@@ -302,8 +322,7 @@ def scenes_segmenter(arg: str, *, colour_coded: bool = False, clipping: bool = F
         method=method_section("segmenter", crop_size=crop, base_size=70 if runlocal else 138, ratio_range=(0.9, 1.3),
                               photometric=False, clipping=clipping, clip_cell_size=32 if runlocal else 64,
                               start_value=0.6),
-        model=dict(encoder=dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=8,
-                                posemb_grid=(8, 8) if runlocal else (16, 16), drop_path_rate=0.0 if runlocal else 0.1),
+        model=dict(encoder=dict(encoder, drop_path_rate=0.0 if runlocal else 0.1),
                    num_classes=SCENES_THINGS + 1, decoder=decoder, decoder_depth=2, decoder_heads=heads,
                    decoder_mlp_dim=4 * width, decoder_dropout=0.0 if runlocal else 0.1),
         # From scratch, SGD (the recipe's, tuned for fine-tuning) stays at the background prior: AdamW with a
@@ -312,5 +331,6 @@ def scenes_segmenter(arg: str, *, colour_coded: bool = False, clipping: bool = F
                                     encoder_multiplier=1.0, warmup_steps=100 if runlocal else 500),
         data=data,
         evals=dict(val=evaluation("validation", predictor, metrics_section("segmenter", "semantic"))),
-        train=train_section(runlocal, total_steps=1500 if runlocal else 20_000, batch_size=8),
+        train=train_section(runlocal, total_steps=1500 if runlocal else 20_000, batch_size=8, init_into="encoder"),
+        pretrained=scenes_pretrained(runlocal),
         parallel=parallel_section())

@@ -26,7 +26,8 @@ CONFIG = str(ROOT / "configs" / "eomt" / "scenes.py") + ":runlocal"
 TINY = ["data.num_train=16", "data.num_val=4", "data.image_size=32", "method.crop_size=32", "train.batch_size=4",
         "model.encoder.width=32", "model.encoder.mlp_dim=64", "model.encoder.num_heads=2",
         "model.encoder.depth=2", "model.num_queries=8", "method.set_loss.num_points=64",
-        "optimizer.warmup=(1, 1)", "train.log_every=3", "train.checkpoint_every=3", "train.num_overlays=0"]
+        "optimizer.warmup=(1, 1)", "train.log_every=3", "train.checkpoint_every=3", "train.num_overlays=0",
+        "pretrained.config="]
 
 
 @pytest.fixture(autouse=True)

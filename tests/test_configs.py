@@ -25,8 +25,12 @@ from jaxseg import methods
 from jaxseg.config import apply_overrides, construct, load_config
 from jaxseg.runs import sections
 from jaxseg.train.main import train_and_evaluate
+from jaxseg.train.pretrained import PretrainedConfig, pretrained_target
 from jaxseg.train.trainer import TrainConfig
 
+# These runs measure training from scratch (the spreads below); the pretrained encoder the scenes configs
+# start from by default is tested in tests/test_pretrain.py and measured in benchmarks/pretrain_cpu.md.
+SCRATCH = "pretrained.config="
 CONFIGS = sorted(str(p) for p in pathlib.Path("configs").rglob("*.py")
                  if not p.name.startswith("_") and p.name != "common.py")
 
@@ -39,7 +43,10 @@ def test_config_loads_in_both_forms_and_every_section_builds(path):
         if config.method.get("clipping"):  # the clipping loss refuses to start without pseudo-labels
             apply_overrides(config, ["data.pseudo_labels_dir=PSEUDO"])
         parts = sections(config)
-        construct(TrainConfig, config.train, where="train")
+        train = construct(TrainConfig, config.train, where="train")
+        # A pretrained encoder fits the model (the pretraining config is loaded, nothing is built).
+        pretrained_target(construct(PretrainedConfig, config.get("pretrained", {}), where="pretrained"), train,
+                          config.model)
         method = methods.build(config, parts.data)
         for evaluation in parts.evals.values():
             settings = dict(evaluation.predictor)
@@ -64,7 +71,7 @@ def _losses(workdir, name):
 @pytest.mark.slow
 def test_segmenter_trains_on_scenes_ground_truth(tmp_path):
     result = _run("configs/segmenter/scenes.py:runlocal,linear", tmp_path / "seg",
-                  f"data.data_dir={tmp_path / 'data'}")["val"]
+                  f"data.data_dir={tmp_path / 'data'}", SCRATCH)["val"]
     losses = _losses(tmp_path / "seg", "loss")
     assert losses[-1] < 0.6 * losses[0], losses
     assert result["mean_iou"] > 0.17 and result["pixel_accuracy"] > 0.87, result  # prior: 0.125, 0.874
@@ -83,7 +90,7 @@ def test_weaktr_cams_pseudo_labels_and_clipped_retraining(tmp_path):
     start (1.2) it stayed at the prior in 4 of 5 seeds (0.186 0.125 0.125 0.125 0.125), which is how this
     test failed on other machines before `start_value` 0.6."""
     data = f"data.data_dir={tmp_path / 'data'}"
-    cam = _run("configs/weaktr/scenes_cam.py:runlocal", tmp_path / "cam", data)["val"]
+    cam = _run("configs/weaktr/scenes_cam.py:runlocal", tmp_path / "cam", data, SCRATCH)["val"]
     class_losses = _losses(tmp_path / "cam", "cls")
     assert max(class_losses[-4:]) < 0.5 < min(class_losses[:4]), class_losses
     assert len(cam["cam_miou_curve"]) == len(cam["thresholds"])
@@ -100,7 +107,7 @@ def test_weaktr_cams_pseudo_labels_and_clipped_retraining(tmp_path):
     assert report["refined"] is False and report["threshold"] == cam["best_threshold"], report
     assert report["cam_miou"] > 0.20, report
 
-    seg = _run("configs/weaktr/scenes_seg.py:runlocal,linear", tmp_path / "seg", data, "train.total_steps=600",
+    seg = _run("configs/weaktr/scenes_seg.py:runlocal,linear", tmp_path / "seg", data, SCRATCH, "train.total_steps=600",
                "train.log_every=1", f"data.pseudo_labels_dir={tmp_path / 'pseudo'}")
     logged = [json.loads(line) for line in (tmp_path / "seg" / "train_metrics.jsonl").read_text().splitlines()]
     assert all(0 < entry["kept_fraction"] <= 1 for entry in logged)

@@ -123,3 +123,16 @@ def test_empty_segment_tables_keep_their_dtypes():
     segments = mask_example(example)["segments"]
     assert segments["id"].dtype == np.int32 and segments["iscrowd"].dtype == bool
     assert segments["bbox"].shape == (0, 4)
+
+
+def test_annealing_windows_that_end_after_the_run_are_refused():
+    """A short run (`--set train.total_steps`) of a recipe with an explicit table would stop with the masks
+    still on, and inference runs unmasked."""
+    from jaxseg.errors import UserError
+    from jaxseg.methods.eomt.method import Annealing
+
+    settings = dict(model=MODEL, optimizer=EomtOptimizer(), batch_size=1, data=DataConfig(name="jaxseg_scenes"),
+                    crop_size=SIZE, annealing=Annealing(starts=(2,), ends=(10,)))
+    EomtMethod(total_steps=10, **settings)
+    with pytest.raises(UserError, match=r"method.annealing ends \(10,\) go past train.total_steps 9"):
+        EomtMethod(total_steps=9, **settings)

@@ -39,7 +39,7 @@ TINY = ["data.num_train=16", "data.num_val=4", "data.image_size=32", "method.cro
         "model.encoder.width=32", "model.encoder.mlp_dim=64", "model.encoder.num_heads=2",
         "model.encoder.depth=2", "model.num_queries=8", "method.set_loss.num_points=64",
         "optimizer.warmup=(1, 1)", "train.total_steps=6", "train.log_every=6", "train.checkpoint_every=6",
-        "train.num_overlays=0"]
+        "train.num_overlays=0", "pretrained.config="]
 # Low enough that the noisy model's queries become segments.
 THRESHOLDS = ["evals.val.predictor.score_threshold=0.0", "evals.val.predictor.overlap_threshold=0.3",
               "evals.val.predictor.mask_threshold=0.3"]
@@ -52,6 +52,8 @@ def run_dir(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("export")
     config = load_config(CONFIG)
     apply_overrides(config, TINY + [f"data.data_dir={root / 'data'}"])
+    # The encoder layout this 6-step model was tuned in: its queries then make segments of several classes.
+    config.model.encoder.update(num_registers=4, posemb_covers_prefix=False)
     train_and_evaluate(config, root / "run")
     return root / "run"
 

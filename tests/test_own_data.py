@@ -348,14 +348,17 @@ def scenes_folders(tmp_path_factory):
     return root
 
 
+SCRATCH = "pretrained.config="  # a few steps from scratch: no pretraining to build
 # config, its --set for the exported scenes (9 classes, 6 things), and the classes the model predicts in its
-# label space, as the proposed wiring passes them to `DataConfig.check_classes`.
+# label space, as `train_and_evaluate` passes them to `DataConfig.check_classes`.
 CONFIGS = {
     "eomt semantic": ("configs/eomt/ade20k_semantic.py:runlocal", "semantic", ["model.num_classes=9"]),
     "eomt panoptic": ("configs/eomt/coco_panoptic.py:runlocal", "coco_panoptic",
                       ["model.num_classes=9", "method.num_things=6"]),
-    "segmenter": ("configs/segmenter/scenes.py:runlocal,linear", "semantic", ["model.num_classes=7"]),
-    "weaktr": ("configs/weaktr/scenes_cam.py:runlocal", "semantic", ["model.num_classes=6"]),
+    "eomt instance": ("configs/eomt/coco_instance.py:runlocal", "coco_panoptic",
+                      ["model.num_classes=6", "method.num_things=6"]),
+    "segmenter": ("configs/segmenter/scenes.py:runlocal,linear", "semantic", ["model.num_classes=7", SCRATCH]),
+    "weaktr": ("configs/weaktr/scenes_cam.py:runlocal", "semantic", ["model.num_classes=6", SCRATCH]),
 }
 
 
@@ -366,26 +369,19 @@ def _config(spec, layout, root, *overrides):
     return config
 
 
-def _model_classes(method) -> dict:
-    if hasattr(method, "segmentation"):  # EoMT predicts the dataset's own labels
-        return dict(label_space=method.label_space, num_classes=method.num_classes,
-                    num_things=None if method.segmentation == "semantic" else method.num_things)
-    if hasattr(method, "num_foreground"):  # Segmenter: background + foreground
-        return dict(label_space="wsss", num_classes=method.num_foreground + 1)
-    return dict(label_space="wsss", num_classes=method.num_classes + 1)  # WeakTr: foreground only
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_configs_take_a_folder_dataset_and_its_class_counts_are_checked(name, scenes_folders):
     spec, layout, overrides = CONFIGS[name]
     config = _config(spec, layout, scenes_folders, *overrides)
     parts = sections(config)
     source = parts.data.sources([parts.data.train_split], "unused")[parts.data.train_split]
-    parts.data.check_classes(source, **_model_classes(methods.build(config, parts.data)))
+    parts.data.check_classes(source, **methods.build(config, parts.data).class_counts())
     wrong = {"eomt semantic": ("model.num_classes=8", "the model predicts 8 classes, dataset jaxseg_folder/semantic "
                                                       "has 9"),
              "eomt panoptic": ("method.num_things=5", "method.num_things=5, but dataset jaxseg_folder/coco_panoptic "
                                                       "has 6 thing categories"),
+             "eomt instance": ("model.num_classes=7", "the model predicts 7, dataset jaxseg_folder/coco_panoptic has "
+                                                      "6 thing categories of 9"),
              "segmenter": ("model.num_classes=11", "the model's 10 foreground classes .* must be 1 to the 9 "
                                                    "categories"),
              "weaktr": ("model.num_classes=10", "the model's 10 foreground classes")}[name]
@@ -393,7 +389,15 @@ def test_configs_take_a_folder_dataset_and_its_class_counts_are_checked(name, sc
     if name == "weaktr":
         apply_overrides(config, ["model.encoder.num_cls_tokens=10"])
     with pytest.raises(UserError, match=wrong[1]):
-        parts.data.check_classes(source, **_model_classes(methods.build(config, parts.data)))
+        parts.data.check_classes(source, **methods.build(config, parts.data).class_counts())
+
+
+def test_training_refuses_a_model_whose_classes_do_not_fit_the_dataset(scenes_folders, tmp_path):
+    spec, layout, overrides = CONFIGS["eomt semantic"]
+    config = _config(spec, layout, scenes_folders, *overrides, "model.num_classes=8")
+    with pytest.raises(UserError, match="the model predicts 8 classes, dataset jaxseg_folder/semantic has 9"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.json").exists()
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ from jaxseg.wsss.cam import image_cams, pseudo_label
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["data.num_train=16", "data.num_val=4", "data.image_size=32", "method.crop_size=32", "train.batch_size=4",
         "model.encoder.width=32", "model.encoder.mlp_dim=64", "model.encoder.num_heads=2",
-        "model.encoder.depth=2", "train.num_overlays=2"]
+        "model.encoder.depth=2", "train.num_overlays=2", "pretrained.config="]
 RUNS = {
     "eomt": ("configs/eomt/scenes.py:runlocal",
              ["train.total_steps=6", "train.log_every=6", "optimizer.warmup=(1, 1)", "model.num_queries=8",

@@ -176,7 +176,7 @@ def test_train_tool_runs_the_scenes_config_and_resumes(tmp_path):
     command = [sys.executable, str(ROOT / "tools" / "train.py"), "--config",
                str(ROOT / "configs" / "eomt" / "scenes.py") + ":runlocal", "--workdir", str(tmp_path / "run"),
                "--set", "train.total_steps=8", "--set", "optimizer.warmup=(2, 2)", "--set", "train.log_every=4",
-               "--set", "data.num_train=32", "--set", "data.num_val=4"]
+               "--set", "data.num_train=32", "--set", "data.num_val=4", "--set", "pretrained.config="]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=hang_guard(600), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])["val"]

@@ -32,13 +32,14 @@ from configs.common import (
     parse_arg,
     predictor_section,
     scenes_data,
+    scenes_encoder,
+    scenes_pretrained,
     train_section,
 )
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     _, runlocal = parse_arg(arg)
-    width, depth, heads = (64, 4, 4) if runlocal else (192, 12, 3)
     data = scenes_data(runlocal, colour_coded=True)
     batch_size = 8 if runlocal else 32
     steps_per_epoch = data["num_train"] // batch_size
@@ -46,14 +47,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return make_config(
         method=method_section("weaktr", steps_per_epoch=steps_per_epoch, crop_size=64 if runlocal else 128,
                               augmentation="flip"),
-        model=dict(encoder=dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=8,
-                                posemb_grid=(8, 8) if runlocal else (16, 16), num_cls_tokens=SCENES_THINGS,
-                                final_norm=False, posemb_resize="dino", drop_path_rate=0.0 if runlocal else 0.1),
+        model=dict(encoder=dict(scenes_encoder(runlocal), num_cls_tokens=SCENES_THINGS, final_norm=False,
+                                posemb_resize="dino", drop_path_rate=0.0 if runlocal else 0.1),
                    num_classes=SCENES_THINGS, fusion="aaf", pool="max", feat_reduction=8,
                    reduction=4 if runlocal else 8),
         optimizer=optimizer_section("weaktr", lr=3e-3 if runlocal else 5e-4, weight_decay=0.03,
                                     warmup_epochs=1 if runlocal else 5),
         data=data,
         evals=dict(val=evaluation("validation", cams, metrics_section("weaktr", "cam_sweep"))),
-        train=train_section(runlocal, total_steps=steps_per_epoch * (24 if runlocal else 60), batch_size=batch_size),
+        train=train_section(runlocal, total_steps=steps_per_epoch * (24 if runlocal else 60), batch_size=batch_size,
+                            init_into="encoder"),
+        pretrained=scenes_pretrained(runlocal),
         parallel=parallel_section())

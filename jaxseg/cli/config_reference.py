@@ -74,6 +74,7 @@ def reference() -> str:
     from jaxseg.methods import METHODS, method_class
     from jaxseg.models.vit import ViT
     from jaxseg.parallel import MeshConfig
+    from jaxseg.train.pretrained import PretrainedConfig
     from jaxseg.train.trainer import TrainConfig
 
     lines = ["# Config keys", "",
@@ -88,6 +89,7 @@ def reference() -> str:
     lines += dataclass_section("data", DataConfig)
     lines += dataclass_section("evals.<name>", EvalConfig)
     lines += dataclass_section("parallel", MeshConfig)
+    lines += dataclass_section("pretrained", PretrainedConfig)
     for name in METHODS:
         cls = method_class(name)
         lines += [f"## Method `{name}` (`method.name = {name!r}`)", ""]

@@ -246,17 +246,19 @@ class DataConfig:
         return ["background", *names] if label_space == "wsss" else list(names)
 
     def check_classes(self, source, *, label_space: str, num_classes: int, num_things: int | None = None,
-                      setting: str = "model.num_classes") -> None:
+                      things_only: bool = False, setting: str = "model.num_classes") -> None:
         """Raises a `UserError` unless a model that predicts `num_classes` classes in `label_space` (background
         included in "wsss"), `num_things` of them things (None: not a panoptic / instance model), fits the
-        dataset of `source` (an opened split): in the dataset's own label space the counts must be equal; a
-        "wsss" model of a "categories" dataset takes the first C categories as its foreground, so C must not
-        exceed them. `setting` names what the user sets for `num_classes`. Where they disagree, labels beyond
-        the model's classes would be taken for EoMT's "no object" class or dropped from the metrics."""
+        dataset of `source` (an opened split): in the dataset's own label space the counts must be equal
+        (`things_only`, an instance model: its classes are the dataset's thing categories 0..T-1, so it has
+        T of them); a "wsss" model of a "categories" dataset takes the first C categories as its foreground,
+        so C must not exceed them. `setting` names what the user sets for `num_classes`. Where they disagree,
+        labels beyond the model's classes would be taken for EoMT's "no object" class or dropped from the
+        metrics."""
         info = _dataset_info(source)
         count = info.features["labels"].shape[0] + (self.ground_truth == "wsss")  # "wsss" labels skip background
         space = f"label space {self.ground_truth!r}" + (", background included" if self.ground_truth == "wsss" else "")
-        if label_space == self.ground_truth and num_classes != count:
+        if label_space == self.ground_truth and not things_only and num_classes != count:
             raise UserError(f"{setting}: the model predicts {num_classes} classes, dataset {self.name} has {count} "
                             f"({space}); they must agree")
         if label_space == "wsss" and self.ground_truth == "categories" and not 1 <= num_classes - 1 <= count:
@@ -267,6 +269,9 @@ class DataConfig:
                             f"'categories'")
         categories = info.metadata.get("categories") if info.metadata else None
         things = sum(bool(c["isthing"]) for c in categories) if categories else None
+        if things_only and (num_classes > count or things is not None and num_classes != things):
+            raise UserError(f"{setting}: an instance model's classes are the dataset's thing categories; the model "
+                            f"predicts {num_classes}, dataset {self.name} has {things} thing categories of {count}")
         if num_things is not None and things is not None and num_things != things:
             raise UserError(f"method.num_things={num_things}, but dataset {self.name} has {things} thing categories "
                             f"(its categories 0..{things - 1}); they must agree")

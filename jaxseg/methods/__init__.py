@@ -22,6 +22,8 @@ METHODS = {
     "weaktr": "jaxseg.methods.weaktr:WeakTrMethod",
     "segmenter": "jaxseg.methods.segmenter:SegmenterMethod",
     "prompt_cam": "jaxseg.methods.prompt_cam:PromptCamMethod",
+    "mae": "jaxseg.methods.mae:MaeMethod",
+    "dino": "jaxseg.methods.dino:DinoMethod",
     "setr": "jaxseg.methods.setr:SetrMethod",
     "afa": "jaxseg.methods.afa:AfaMethod",
 }

@@ -55,6 +55,11 @@ class Method(Protocol):
     def train_transform(self, example: dict, rng: np.random.Generator) -> dict:
         """One training example -> its augmented arrays (static shapes), drawing from `rng` only."""
 
+    def class_counts(self) -> dict | None:
+        """The classes the model predicts, as `DataConfig.check_classes` takes them (`label_space`,
+        `num_classes`, `num_things`), checked against the training dataset before training; None: any
+        dataset fits (no classes are learned)."""
+
     def predictor(self, kind: str, **settings) -> Predictor:
         """The predictor `kind` (e.g. "panoptic", "cams") with its settings (a config's
         `evals.<name>.predictor` section)."""

@@ -1,4 +1,5 @@
-"""Resampling of position embeddings and patch-embedding kernels, numerically as timm does it."""
+"""Resampling of position embeddings and patch-embedding kernels, numerically as timm does it; the fixed
+2-D sine-cosine embedding of MAE."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -69,3 +70,22 @@ def resample_patch_kernel(kernel: np.ndarray, new_size: Sequence[int]) -> np.nda
     flat = kernel.reshape(old_size[0] * old_size[1], -1).astype(np.float64)
     resampled = np.linalg.pinv(resize_matrix).T @ flat
     return resampled.reshape(*new_size, *kernel.shape[2:]).astype(kernel.dtype)
+
+
+def sincos_posemb(width: int, grid: Sequence[int], num_prefix: int = 0) -> np.ndarray:
+    """MAE's fixed 2-D sine-cosine position embedding (facebookresearch/mae `get_2d_sincos_pos_embed`), as
+    (1, num_prefix + rows * cols, width) float32 with zero entries for the prefix tokens: the first half of
+    the channels encodes the column, the second half the row, each as [sin, cos] of the coordinate times
+    10000^(-k / (width / 4)), computed in float64 as the official numpy code does."""
+    if width % 4:
+        raise UserError(f"a 2-D sine-cosine position embedding needs a width divisible by 4, got {width}")
+    rows, cols = (int(g) for g in grid)
+    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))
+
+    def encode(positions):
+        out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    col, row = np.meshgrid(np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32))
+    table = np.concatenate([encode(col), encode(row)], axis=1)
+    table = np.concatenate([np.zeros((num_prefix, width)), table], axis=0)
+    return table[None].astype(np.float32)

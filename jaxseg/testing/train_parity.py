@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
-import math
 import re
 from typing import Any
 
@@ -171,37 +170,40 @@ class RandFeed:
 # EoMT: transformers' side
 
 
-_UNSUPPORTED = dict(num_cls_tokens=1, layerscale_init=None, mlp_type="gelu", qkv_bias=True, key_bias=True,
+_REQUIRED = dict(num_cls_tokens=1, layerscale_init=None, mlp_type="gelu", qkv_bias=True, key_bias=True,
                     rope_base=None, pre_norm=False, final_norm=True, posemb_covers_prefix=False,
                     drop_path_rate=0.0, dropout_rate=0.0, attention_dropout_rate=0.0)
 
 
-def hf_eomt_config(method) -> EomtConfig:
+def _shapes(tree) -> dict:
+    return flax.traverse_util.flatten_dict(jax.tree_util.tree_map(np.shape, flax.core.unfreeze(tree)), sep="/")
+
+
+def hf_eomt_config(method, num_upscale_blocks: int) -> EomtConfig:
     """transformers' config of the EoMT that `method` trains (its model, crop and set-loss settings)."""
     encoder = {name: method.model["encoder"].get(name, getattr(ViT, name))
                for name in ("width", "depth", "num_heads", "mlp_dim", "patch_size", "posemb_grid",
-                            "num_registers", "layernorm_eps", *_UNSUPPORTED)}
-    wrong = {k: encoder[k] for k, v in _UNSUPPORTED.items() if encoder[k] != v}
+                            "num_registers", "layernorm_eps", *_REQUIRED)}
+    wrong = {k: encoder[k] for k, v in _REQUIRED.items() if encoder[k] != v}
     grid = method.crop_size // encoder["patch_size"]
     if tuple(encoder["posemb_grid"]) != (grid, grid):
         wrong["posemb_grid"] = encoder["posemb_grid"]
     if encoder["mlp_dim"] % encoder["width"]:
         wrong["mlp_dim"] = encoder["mlp_dim"]
     if wrong:
-        raise UserError(f"transformers' EoMT cannot express the encoder settings {wrong}: it needs {_UNSUPPORTED}, "
+        raise UserError(f"transformers' EoMT cannot express the encoder settings {wrong}: it needs {_REQUIRED}, "
                         f"posemb_grid = crop_size / patch_size and mlp_dim a multiple of width")
-    upscale = method.model.get("num_upscale_blocks") or max(1, int(math.log2(encoder["patch_size"])) - 2)
     loss = method.set_loss
-    config = EomtConfig(
+    return EomtConfig(
         hidden_size=encoder["width"], num_hidden_layers=encoder["depth"], num_attention_heads=encoder["num_heads"],
         mlp_ratio=encoder["mlp_dim"] // encoder["width"], image_size=method.crop_size,
         patch_size=encoder["patch_size"], num_register_tokens=encoder["num_registers"],
-        layer_norm_eps=encoder["layernorm_eps"], layerscale_value=1.0, num_upscale_blocks=upscale,
+        layer_norm_eps=encoder["layernorm_eps"], layerscale_value=1.0,
+        num_upscale_blocks=num_upscale_blocks,
         num_blocks=method.model["num_query_blocks"], num_queries=method.model["num_queries"],
         num_labels=method.num_classes, no_object_weight=loss.no_object_weight, class_weight=loss.class_weight,
         mask_weight=loss.mask_weight, dice_weight=loss.dice_weight, train_num_points=loss.num_points,
         oversample_ratio=loss.oversample_ratio, importance_sample_ratio=loss.importance_sample_ratio)
-    return config
 
 
 def eomt_params_from_hf(model: EomtForUniversalSegmentation) -> dict:
@@ -275,8 +277,12 @@ class HfEomtRun:
         if method.optimizer.freeze_encoder:
             raise UserError("the training-parity reference does not implement optimizer.freeze_encoder")
         torch.manual_seed(seed)
-        config = hf_eomt_config(method)
+        expected = _shapes(nn.unbox(jax.eval_shape(method.init_params, jax.random.key(0))))
+        config = hf_eomt_config(method, len({name.split("/")[0] for name in expected if name.startswith("upscale_")}))
         self.model = EomtForUniversalSegmentation(config).train()
+        if _shapes(self.params()) != expected:
+            raise AssertionError(f"transformers' EoMT does not convert to the method's parameters: "
+                                 f"{sorted(set(_shapes(self.params()).items()) ^ set(expected.items()))}")
         groups = []
         for name, param in self.model.named_parameters():
             if name.endswith("lambda1"):

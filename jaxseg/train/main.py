@@ -1,13 +1,16 @@
 """A config -> a trained and evaluated run directory: what tools/train.py runs, usable from Python too.
 
 Every section is built (and so checked), and a rerun's checkpoint checked against the model, before
-anything is written: a bad setting leaves the workdir as it was. Then the data is opened (the generated
-scenes are built on first use), the trainer restores the newest usable checkpoint (or initialises), saves
+anything is written: a bad setting leaves the workdir as it was. A fresh run with a `pretrained` section
+then takes its encoder from the cache, building it first if needed (`jaxseg.train.pretrained`), as its
+init checkpoint. Then the data is opened (the generated scenes are built on first use), the trainer
+restores the newest usable checkpoint (or initialises), saves
 the config as WORKDIR/config.json, trains and evaluates, and the first
 `train.num_overlays` examples of the first evaluation's split are drawn into WORKDIR/overlays/step_<N>/.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -22,6 +25,7 @@ from jaxseg.errors import UserError
 from jaxseg.evaluate import build_evaluator
 from jaxseg.runs import sections
 from jaxseg.train.checkpoint import check_resumable
+from jaxseg.train.pretrained import PretrainedConfig, pretrained_encoder, pretrained_target
 from jaxseg.train.trainer import Evaluation, TrainConfig, Trainer, abstract_train_state
 from jaxseg.visualize import PredictionWriter
 
@@ -32,16 +36,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"workdir {workdir} exists and is not a directory")
     parts, train = sections(config), construct(TrainConfig, config.train, where="train")
-    if train.requires_init_checkpoint and not train.init_checkpoint:
+    pretrained = construct(PretrainedConfig, config.get("pretrained", {}), where="pretrained")
+    if train.requires_init_checkpoint and not (train.init_checkpoint or pretrained.config):
         raise UserError("this recipe fine-tunes pretrained weights: convert them with tools/convert_weights.py "
                         "and set train.init_checkpoint=FILE (or train.requires_init_checkpoint=False to train "
                         "from scratch)")
+    # Checked now, built (or found in the cache) once the run is known to start fresh.
+    target = pretrained_target(pretrained, train, config.model)
     method = methods.build(config, parts.data)
     mesh = parts.parallel.make_mesh()
     evaluators = {name: build_evaluator(method, e, mesh=mesh, rules=parts.parallel.rules)
                   for name, e in parts.evals.items()}
     _, abstract_state, _ = abstract_train_state(method, train.seed, mesh, parts.parallel.rules)
     resuming = check_resumable(workdir, abstract_state)
+    if not resuming and target:
+        train = dataclasses.replace(train, init_checkpoint=str(pretrained_encoder(pretrained, *target)))
     if not resuming and train.init_checkpoint and not pathlib.Path(train.init_checkpoint).exists():
         raise FileNotFoundError(f"train.init_checkpoint {train.init_checkpoint} does not exist")
     created = not workdir.exists()
@@ -49,6 +58,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     splits = [parts.data.train_split] + [e.split for e in parts.evals.values()]
     try:
         sources = parts.data.sources(splits, workdir)
+        counts = method.class_counts()
+        if counts is not None:
+            parts.data.check_classes(sources[parts.data.train_split], **counts)
     except BaseException:
         if created:  # a new run that could not open its data leaves no empty folders behind
             _remove_empty_directories(workdir)

@@ -40,6 +40,21 @@ def warmup_poly(base_lr: float, total_steps: int, warmup_steps: int, *, frozen_s
     return schedule
 
 
+def warmup_cosine(lr: float, min_lr: float, warmup_share: float, total_steps: int) -> optax.Schedule:
+    """A linear warm-up 0 -> lr over the first `warmup_share` of the steps, then a half-cycle cosine to
+    `min_lr` (MAE's and DINO's per-step schedules)."""
+    total_steps = max(total_steps, 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, int(warmup_share * total_steps), total_steps,
+                                              end_value=min_lr)
+
+
+def decays_weights_only(params) -> dict:
+    """True where timm's `add_weight_decay` decays a parameter: not a bias and not 1-D (norm scales,
+    biases and class tokens kept out, as MAE and DINO group their parameters)."""
+    return jax.tree_util.tree_map(lambda name, p: not name.endswith("bias") and jnp.ndim(p) > 1,
+                                  path_names(params), params)
+
+
 def path_names(params) -> dict:
     """A tree like `params` holding each leaf's "a/b/c" name."""
     flat = flax.traverse_util.flatten_dict(params, sep="/")

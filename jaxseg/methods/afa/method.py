@@ -217,6 +217,10 @@ class AfaMethod:
         return {"image": normalize_image(crop), "valid": valid,
                 "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
 
+    def class_counts(self) -> dict:
+        """Checked against the training dataset (`DataConfig.check_classes`): background + the foreground."""
+        return dict(label_space=self.label_space, num_classes=self.num_classes + 1)
+
     def predictor(self, kind: str, **settings):
         return choose(self.predictors, kind, "AFA predictor")(self, **settings)
 

@@ -122,6 +122,11 @@ class EomtMethod:
             if len(self.windows[0]) != self.num_blocks or len(self.windows[1]) != self.num_blocks:
                 raise UserError(f"method.annealing needs {self.num_blocks} starts and ends (one per query "
                                 f"block), got {self.windows}")
+            if max(self.windows[1]) > self.total_steps:
+                # Inference runs unmasked: a run that stops inside a window trains a model it never uses.
+                raise UserError(f"method.annealing ends {tuple(self.windows[1])} go past train.total_steps "
+                                f"{self.total_steps}: set windows that end within the run, or "
+                                f"method.annealing.starts=() and ends=() for the T/6 rule")
         else:
             self.windows = mask_annealing_windows(self.total_steps, self.num_blocks)
 
@@ -169,6 +174,13 @@ class EomtMethod:
         out = eomt_train_example(example, rng, (self.crop_size, self.crop_size), self.scale_range,
                                  color=self.color_jitter, max_segments=self.max_segments, segments=segments)
         return dict(out, image=out["image"].astype(np.float32) / 255)
+
+    def class_counts(self) -> dict:
+        """Checked against the training dataset (`DataConfig.check_classes`): an instance model's classes
+        are the dataset's thing categories."""
+        return dict(label_space=self.label_space, num_classes=self.num_classes,
+                    num_things=None if self.segmentation == "semantic" else self.num_things,
+                    things_only=self.segmentation == "instance")
 
     def predictor(self, kind: str, **settings):
         return choose(self.predictors, kind, "EoMT predictor")(self, **settings)

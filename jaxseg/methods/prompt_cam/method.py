@@ -151,6 +151,10 @@ class PromptCamMethod:
         return {"image": normalize_image(x["image"], *PIXEL_STATS[self.pixel_stats]),
                 "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
 
+    def class_counts(self) -> dict:
+        """Checked against the training dataset (`DataConfig.check_classes`): background + the foreground."""
+        return dict(label_space=self.label_space, num_classes=self.num_classes + 1)
+
     def predictor(self, kind: str, **settings):
         return choose(self.predictors, kind, "Prompt-CAM predictor")(self, **settings)
 

@@ -128,6 +128,10 @@ class SegmenterMethod:
                                     pixel_stats=PIXEL_STATS[self.pixel_stats])
         return {"image": out["image"], "semantic": out["semantic"].astype(np.int32)}
 
+    def class_counts(self) -> dict:
+        """Checked against the training dataset (`DataConfig.check_classes`): background + the foreground."""
+        return dict(label_space=self.label_space, num_classes=self.num_foreground + 1)
+
     def predictor(self, kind: str, **settings):
         return choose(self.predictors, kind, "Segmenter predictor")(self, **settings)
 

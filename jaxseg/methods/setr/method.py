@@ -154,6 +154,10 @@ class SetrMethod:
                                     pixel_stats=PIXEL_STATS[self.pixel_stats])
         return {"image": out["image"], "semantic": out["semantic"].astype(np.int32)}
 
+    def class_counts(self) -> dict:
+        """Checked against the training dataset (`DataConfig.check_classes`)."""
+        return dict(label_space=self.label_space, num_classes=self.model["num_classes"])
+
     def predictor(self, kind: str, **settings):
         return choose(self.predictors, kind, "SETR predictor")(self, **settings)
 

@@ -135,6 +135,10 @@ class WeakTrMethod:
                    "labels": np.asarray(example["labels"][:self.num_classes], np.float32)}
         return weaktr_stage1_example(example, rng, size=self.crop_size, augmentation=self.augmentation)
 
+    def class_counts(self) -> dict:
+        """Checked against the training dataset (`DataConfig.check_classes`): background + the foreground."""
+        return dict(label_space=self.label_space, num_classes=self.num_classes + 1)
+
     def predictor(self, kind: str, **settings):
         return choose(self.predictors, kind, "WeakTr predictor")(self.network, self.num_classes,
                                                                  self.data.ground_truth, **settings)
