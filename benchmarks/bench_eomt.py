@@ -57,8 +57,8 @@ def bench_jax(config, images, targets, loss_config, steps):
     every prediction, the recipe's AdamW with LLRD and clipping), masking on in every block."""
     batch, num_targets = targets.labels.shape
     num_blocks = config["num_query_blocks"]
-    never = (10 ** 6,) * num_blocks  # annealing windows beyond the run: masking probability 1
-    method = EomtMethod(model=config, optimizer=EomtOptimizer(), total_steps=10_000, batch_size=batch,
+    never = (10 ** 6,) * num_blocks  # annealing windows beyond the benchmarked steps: masking probability 1
+    method = EomtMethod(model=config, optimizer=EomtOptimizer(), total_steps=10 ** 6 + 1, batch_size=batch,
                         data=DataConfig(name="jaxseg_scenes"), crop_size=images.shape[1], max_segments=num_targets,
                         set_loss=loss_config, annealing=Annealing(never, tuple(n + 1 for n in never)))
     train_step, train_state, inputs = shipped_train_step(method, {
