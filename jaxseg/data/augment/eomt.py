@@ -21,7 +21,7 @@ def scale_jitter(example: dict, rng: np.random.Generator, target_size: tuple[int
     return resize(example, (max(1, int(height * factor)), max(1, int(width * factor))))
 
 
-def _grayscale(image: np.ndarray) -> np.ndarray:
+def grayscale(image: np.ndarray) -> np.ndarray:
     # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
     return image @ np.array([0.299, 0.587, 0.114])
 
@@ -46,11 +46,11 @@ def color_jitter(example: dict, rng: np.random.Generator, brightness_delta: floa
         image = _blend(image, 0.0, rng.uniform(1 - brightness_delta, 1 + brightness_delta))
 
     def contrast_op(img):
-        return _blend(img, _grayscale(img).mean(), rng.uniform(*contrast)) if rng.random() < p else img
+        return _blend(img, grayscale(img).mean(), rng.uniform(*contrast)) if rng.random() < p else img
 
     def saturation_hue_op(img):
         if rng.random() < p:
-            img = _blend(img, _grayscale(img)[..., None], rng.uniform(*saturation))
+            img = _blend(img, grayscale(img)[..., None], rng.uniform(*saturation))
         if rng.random() < p:
             img = _shift_hue(np.round(img), rng.uniform(-hue_delta, hue_delta))
         return img

@@ -27,7 +27,7 @@ import optax
 
 from jaxseg.config import check_rules, module_settings, setting
 from jaxseg.data.augment.common import normalize_image, random_hflip
-from jaxseg.data.augment.eomt import _grayscale, color_jitter
+from jaxseg.data.augment.eomt import color_jitter, grayscale
 from jaxseg.data.augment.timm import random_resized_crop
 from jaxseg.data.datasets import DataConfig
 from jaxseg.losses.dino import dino_loss, updated_center
@@ -128,7 +128,7 @@ class DinoMethod:
 
     def init_params(self, rng: jax.Array) -> Any:
         student = self.network.init({"params": rng}, jnp.zeros((1, self.crop_size, self.crop_size, 3)))["params"]
-        return {"student": student, "teacher": student, "center": jnp.zeros((self.model.get("out_dim", 65536),))}
+        return {"student": student, "teacher": student, "center": jnp.zeros((self.network.out_dim,))}
 
     def optimizer_for(self, params: Any) -> optax.GradientTransformation:
         return self.optimizer.build(params, self.total_steps)
@@ -171,7 +171,7 @@ class DinoMethod:
         view = color_jitter(view, rng, brightness_delta=0.4, contrast=(0.6, 1.4), saturation=(0.6, 1.4),
                             hue_delta=0.1, p=0.8)["image"]
         if rng.random() < self.grayscale:
-            view = np.repeat(np.round(_grayscale(view.astype(np.float64)))[..., None], 3, axis=-1).astype(np.uint8)
+            view = np.repeat(np.round(grayscale(view.astype(np.float64)))[..., None], 3, axis=-1).astype(np.uint8)
         return normalize_image(view)
 
     def train_transform(self, example: dict, rng: np.random.Generator) -> dict:
